@@ -1,0 +1,44 @@
+"""The contract every separation model adapter fulfils, so ``engine.apply`` can stay model-agnostic.
+
+A ``Separator`` is a ``torch.nn.Module`` with these attributes::
+
+    name: str                  catalog name, e.g. "spleeter-2stems"
+    sources: list[str]         stem names, in output order
+    sample_rate: int           Hz; audio is resampled to it before the model sees it
+    audio_channels: int        channels the network takes (mono input is duplicated by engine.audio)
+    segment_frames: int        default segment length of the overlap-add grid, in samples
+    max_segment_frames: int | None   longest segment the network accepts (None: no limit)
+    default_overlap: float     default overlap between segments, fraction of segment_frames
+
+and two methods::
+
+    valid_length(frames) -> int
+        The input length the network needs to produce ``frames`` output samples (>= frames).
+        ``engine.apply`` feeds a window of that length centred on the chunk, taking real
+        context from the track where it exists and zeros past its ends (demucs' TensorChunk rule).
+    forward(mix) -> Tensor
+        mix: float32 [batch, audio_channels, valid_length]
+        returns float32 [batch, len(sources), audio_channels, valid_length]
+        Each batch item is independent (no statistic across the batch), so batching changes
+        nothing but speed.
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Separator(Protocol):
+    name: str
+    sources: list[str]
+    sample_rate: int
+    audio_channels: int
+    segment_frames: int
+    max_segment_frames: int | None
+    default_overlap: float
+
+    def valid_length(self, frames: int) -> int: ...
+
+    def __call__(self, mix: torch.Tensor) -> torch.Tensor: ...
