@@ -42,3 +42,36 @@ class Separator(Protocol):
     def valid_length(self, frames: int) -> int: ...
 
     def __call__(self, mix: torch.Tensor) -> torch.Tensor: ...
+
+
+class Bag(torch.nn.Module):
+    """Several separators with the same sources, averaged per source with fixed weights
+    (demucs' bag of models, e.g. htdemucs_ft).
+
+    members: list of Separators sharing ``sources``, ``sample_rate`` and ``audio_channels``.
+    weights: [len(members)][len(sources)] floats; None means all ones.
+    ``engine.apply`` runs each member on its own grid and returns
+    sum_m weights[m][s] * out_m[s] / sum_m weights[m][s] for every source s.
+    """
+
+    def __init__(self, name: str, members: list, weights: list[list[float]] | None = None,
+                 segment_s: float | None = None):
+        super().__init__()
+        if not members:
+            raise ValueError(f"bag {name!r} has no members")
+        first = members[0]
+        for m in members[1:]:
+            if (m.sources, m.sample_rate, m.audio_channels) != (
+                    first.sources, first.sample_rate, first.audio_channels):
+                raise ValueError(f"bag {name!r}: members disagree on sources, sample rate or channels")
+        if weights is None:
+            weights = [[1.0] * len(first.sources) for _ in members]
+        if len(weights) != len(members) or any(len(w) != len(first.sources) for w in weights):
+            raise ValueError(f"bag {name!r}: weights must be [{len(members)}][{len(first.sources)}]")
+        self.name = name
+        self.members = torch.nn.ModuleList(members)
+        self.weights = [list(map(float, w)) for w in weights]
+        self.sources = list(first.sources)
+        self.sample_rate = first.sample_rate
+        self.audio_channels = first.audio_channels
+        self.segment_s = segment_s
