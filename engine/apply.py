@@ -1,0 +1,304 @@
+"""How a separator is applied to a track: a segment grid, overlap-add, shifts, bags.
+
+The model is apart from how it is applied (as in demucs' ``apply.py``). Everything here works on
+the model's sample rate and channel count; ``engine.audio`` converts before and after.
+
+The grid (one per model, anchored at the track's first sample)::
+
+    segment k covers input frames [k * stride, k * stride + segment)   for every k * stride < length
+    stride = int((1 - overlap) * segment)
+
+A segment of n frames (n < segment only near the end) is fed to the network as a window of
+``model.valid_length(n)`` frames centred on it, with real track context where it exists and zeros
+outside [0, length) (demucs' ``TensorChunk.padded``). The output is centre-trimmed back to n frames,
+weighted by a triangle window (peak in the middle, ``** transition_power``) and overlap-added; the sum
+is divided by the summed weights.
+
+Nothing depends on a statistic of the whole track, so ``Streamer`` (fed in pieces of any size) gives
+exactly the output of ``apply_model`` (fed everything at once): offline is a stream of one piece.
+Frames [0, k * stride) are final as soon as segments 0..k-1 have run.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from typing import Callable, Iterable
+
+import torch
+
+from .models.base import Bag
+
+__all__ = ["apply_model", "Streamer", "OverlapAdd", "grid_for"]
+
+MAX_SHIFT_S = 0.5  # demucs' random time shift range for test-time augmentation
+
+
+def triangle_weight(segment_frames: int, transition_power: float = 1.0) -> torch.Tensor:
+    """float32 [segment_frames]: demucs' triangle, 1 at the centre, ``** transition_power``."""
+    half = segment_frames // 2
+    weight = torch.cat([torch.arange(1, half + 1), torch.arange(segment_frames - half, 0, -1)])
+    return (weight / weight.max()).float() ** transition_power
+
+
+def grid_for(model, segment_s: float | None = None, overlap: float | None = None) -> tuple[int, int]:
+    """(segment_frames, stride_frames) for ``model`` with the user's overrides.
+
+    Raises ValueError for an overlap outside [0, 1) or a segment the network cannot take.
+    """
+    if segment_s is None:
+        segment = model.segment_frames
+    else:
+        if not segment_s > 0:
+            raise ValueError(f"segment must be > 0 seconds, got {segment_s}")
+        segment = int(model.sample_rate * segment_s)
+    limit = getattr(model, "max_segment_frames", None)
+    if limit is not None and segment > limit:
+        raise ValueError(f"{model.name}: segment {segment / model.sample_rate:.2f} s is longer than the "
+                         f"{limit / model.sample_rate:.2f} s the network was trained on")
+    overlap = model.default_overlap if overlap is None else overlap
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    stride = max(1, int((1 - overlap) * segment))
+    return segment, stride
+
+
+class OverlapAdd:
+    """One separator on one grid, fed in pieces: ``push`` returns the frames that are final.
+
+    model: a Separator (engine.models.base).
+    prefix_frames: zeros put before the first sample (a time shift); they are trimmed from the output.
+    batch_segments: how many segments go through the network in one forward pass.
+    autocast: a context-manager factory for the forward pass (fp16 on CUDA), or None.
+
+    ``push(chunk)`` takes float32 [channels, n] and returns float32 [sources, channels, m];
+    ``close()`` returns the rest, so that all outputs together have exactly the input's length.
+    """
+
+    def __init__(self, model, segment_frames: int, stride_frames: int, *, transition_power: float = 1.0,
+                 batch_segments: int = 1, prefix_frames: int = 0,
+                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None):
+        self.model = model
+        self.segment = segment_frames
+        self.stride = stride_frames
+        self.weight = triangle_weight(segment_frames, transition_power)
+        self.batch_segments = max(1, int(batch_segments))
+        self.autocast = autocast or contextlib.nullcontext
+        self.device = next(iter(model.parameters()), torch.empty(0)).device
+        self.channels = model.audio_channels
+        self.n_sources = len(model.sources)
+        # How far before a segment its network window may reach (centred context).
+        self.context = max(0, model.valid_length(segment_frames) - segment_frames,
+                           model.valid_length(1) - 1)
+        self.prefix_left = prefix_frames  # output frames still to drop
+        self.inp = torch.zeros(self.channels, 0)  # input frames [inp_start, received)
+        self.inp_start = 0
+        self.received = 0
+        self.next_k = 0  # next segment index to run
+        self.acc = torch.zeros(self.n_sources, self.channels, 0)  # accumulated output from out_start
+        self.acc_w = torch.zeros(0)
+        self.out_start = 0  # first frame not yet returned
+        self.closed = False
+        if prefix_frames:
+            self._append(torch.zeros(self.channels, prefix_frames))
+
+    # -- input --------------------------------------------------------------------------------
+    def _append(self, chunk: torch.Tensor) -> None:
+        self.inp = torch.cat([self.inp, chunk], dim=1) if self.inp.shape[1] else chunk
+        self.received += chunk.shape[1]
+
+    def _window(self, start: int, length: int) -> torch.Tensor:
+        """Input frames [start, start + length) of the track, zeros outside [0, received)."""
+        lo, hi = max(start, 0), min(start + length, self.received)
+        if lo < self.inp_start:
+            raise RuntimeError(f"internal: window at {start} reaches before retained input {self.inp_start}")
+        out = torch.zeros(self.channels, length)
+        if hi > lo:
+            out[:, lo - start:hi - start] = self.inp[:, lo - self.inp_start:hi - self.inp_start]
+        return out
+
+    # -- the grid -----------------------------------------------------------------------------
+    def _ready_segments(self, final: bool) -> list[tuple[int, int, int, int]]:
+        """(offset, n, window_start, window_len) of segments whose input is complete."""
+        ready = []
+        k = self.next_k
+        while True:
+            offset = k * self.stride
+            if final:
+                if offset >= self.received:
+                    break
+                n = min(self.segment, self.received - offset)
+            else:
+                n = self.segment
+            w = self.model.valid_length(n)
+            start = offset - (w - n) // 2
+            if not final and start + w > self.received:
+                break
+            ready.append((offset, n, start, w))
+            k += 1
+        return ready
+
+    def _run(self, segments: list[tuple[int, int, int, int]]) -> None:
+        i = 0
+        while i < len(segments):
+            w = segments[i][3]
+            group = [segments[i]]
+            while (i + len(group) < len(segments) and len(group) < self.batch_segments
+                   and segments[i + len(group)][3] == w):
+                group.append(segments[i + len(group)])
+            batch = torch.stack([self._window(s, w) for _, _, s, _ in group])
+            assert batch.shape == (len(group), self.channels, w)  # [batch, channels, window]
+            with torch.inference_mode(), self.autocast():
+                out = self.model(batch.to(self.device))
+            assert out.shape == (len(group), self.n_sources, self.channels, w), out.shape
+            out = out.float().cpu()
+            for (offset, n, _, _), seg_out in zip(group, out):
+                trim = (w - n) // 2
+                self._accumulate(offset, seg_out[..., trim:trim + n])
+            i += len(group)
+        self.next_k += len(segments)
+
+    def _accumulate(self, offset: int, seg_out: torch.Tensor) -> None:
+        n = seg_out.shape[-1]
+        end = offset + n
+        have = self.out_start + self.acc.shape[-1]
+        if end > have:
+            grow = end - have
+            self.acc = torch.cat([self.acc, torch.zeros(self.n_sources, self.channels, grow)], dim=-1)
+            self.acc_w = torch.cat([self.acc_w, torch.zeros(grow)])
+        a, b = offset - self.out_start, end - self.out_start
+        self.acc[..., a:b] += self.weight[:n] * seg_out
+        self.acc_w[a:b] += self.weight[:n]
+
+    def _emit(self, upto: int) -> torch.Tensor:
+        """Return final frames [out_start, upto), dropping the shift prefix."""
+        n = max(0, upto - self.out_start)
+        out = self.acc[..., :n] / self.acc_w[:n]
+        self.acc, self.acc_w = self.acc[..., n:], self.acc_w[n:]
+        self.out_start += n
+        # Input before the next segment's window is no longer needed.
+        keep_from = max(0, self.next_k * self.stride - self.context)
+        if keep_from > self.inp_start:
+            self.inp = self.inp[:, keep_from - self.inp_start:]
+            self.inp_start = keep_from
+        drop = min(self.prefix_left, out.shape[-1])
+        self.prefix_left -= drop
+        return out[..., drop:]
+
+    # -- public -------------------------------------------------------------------------------
+    def push(self, chunk: torch.Tensor) -> torch.Tensor:
+        """chunk: float32 [channels, n] -> final output float32 [sources, channels, m]."""
+        if self.closed:
+            raise RuntimeError("push after close")
+        assert chunk.dim() == 2 and chunk.shape[0] == self.channels, chunk.shape
+        self._append(chunk.detach().to("cpu", torch.float32))
+        self._run(self._ready_segments(final=False))
+        return self._emit(self.next_k * self.stride)
+
+    def close(self) -> torch.Tensor:
+        """Run the remaining segments; returns the rest of the output [sources, channels, m]."""
+        self.closed = True
+        self._run(self._ready_segments(final=True))
+        return self._emit(self.received)
+
+
+def _autocast_factory(model, dtype: torch.dtype | None):
+    if dtype is None or dtype == torch.float32:
+        return None
+    device_type = next(iter(model.parameters())).device.type
+    return lambda: torch.autocast(device_type=device_type, dtype=dtype)
+
+
+class Streamer:
+    """A model or bag, with shifts, fed in pieces: the engine's one way to separate.
+
+    ``push(chunk)`` / ``close()`` take float32 [channels, n] at the model's sample rate and return
+    float32 [sources, channels, m]; concatenated, the outputs have exactly the input's length and
+    equal ``apply_model`` on the whole track.
+
+    shifts: number of randomly time-shifted passes averaged (0 or 1 shift offsets drawn from
+    ``random.Random(seed)``, each in [0, 0.5 s], as demucs' ``--shifts``); deterministic for a seed.
+    """
+
+    def __init__(self, model, *, segment_s: float | None = None, overlap: float | None = None,
+                 shifts: int = 0, seed: int = 0, batch_segments: int = 1,
+                 transition_power: float = 1.0, dtype: torch.dtype | None = None):
+        if transition_power < 1:
+            raise ValueError("transition_power must be >= 1")
+        if shifts < 0:
+            raise ValueError(f"shifts must be >= 0, got {shifts}")
+        self.model = model
+        self.sources = list(model.sources)
+        self.sample_rate = model.sample_rate
+        self.audio_channels = model.audio_channels
+        members = list(model.members) if isinstance(model, Bag) else [model]
+        weights = model.weights if isinstance(model, Bag) else [[1.0] * len(self.sources)]
+        if isinstance(model, Bag) and segment_s is None:
+            segment_s = model.segment_s
+        rng = random.Random(seed)
+        self.parts: list[tuple[OverlapAdd, torch.Tensor]] = []  # (runner, per-source scale)
+        totals = torch.tensor(weights, dtype=torch.float32).sum(0)
+        for member, w in zip(members, weights):
+            seg, stride = grid_for(member, segment_s if segment_s is None else
+                                   min(segment_s, _max_segment_s(member)), overlap)
+            prefixes = [0] if shifts == 0 else [
+                int(MAX_SHIFT_S * member.sample_rate) - rng.randint(0, int(MAX_SHIFT_S * member.sample_rate))
+                for _ in range(shifts)]
+            scale = torch.tensor(w, dtype=torch.float32) / totals / len(prefixes)
+            for prefix in prefixes:
+                runner = OverlapAdd(member, seg, stride, transition_power=transition_power,
+                                    batch_segments=batch_segments, prefix_frames=prefix,
+                                    autocast=_autocast_factory(member, dtype))
+                self.parts.append((runner, scale))
+        # Output of each part not yet combined (parts finalize at different points).
+        self.pending = [torch.zeros(len(self.sources), self.audio_channels, 0) for _ in self.parts]
+
+    def _combine(self, outs: Iterable[torch.Tensor]) -> torch.Tensor:
+        for i, out in enumerate(outs):
+            if out.shape[-1]:
+                self.pending[i] = torch.cat([self.pending[i], out], dim=-1)
+        n = min(p.shape[-1] for p in self.pending)
+        total = torch.zeros(len(self.sources), self.audio_channels, n)
+        for i, (_, scale) in enumerate(self.parts):
+            total += scale[:, None, None] * self.pending[i][..., :n]
+            self.pending[i] = self.pending[i][..., n:]
+        return total
+
+    def push(self, chunk: torch.Tensor) -> torch.Tensor:
+        """chunk: float32 [channels, n] -> final output float32 [sources, channels, m]."""
+        return self._combine(runner.push(chunk) for runner, _ in self.parts)
+
+    def close(self) -> torch.Tensor:
+        """The remaining output [sources, channels, m]."""
+        return self._combine(runner.close() for runner, _ in self.parts)
+
+
+def _max_segment_s(model) -> float:
+    limit = getattr(model, "max_segment_frames", None)
+    return math.inf if limit is None else limit / model.sample_rate
+
+
+def apply_model(model, mix: torch.Tensor, *, segment_s: float | None = None, overlap: float | None = None,
+                shifts: int = 0, seed: int = 0, batch_segments: int = 1, transition_power: float = 1.0,
+                dtype: torch.dtype | None = None, chunk_frames: int | None = None,
+                progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Separate a whole track held in memory.
+
+    mix: float32 [channels, frames] at ``model.sample_rate`` with ``model.audio_channels`` channels.
+    Returns float32 [sources, channels, frames].
+    chunk_frames: feed the streamer in pieces of this size (None: all at once); the result is the same.
+    progress: called with the number of input frames consumed so far.
+    """
+    assert mix.dim() == 2 and mix.shape[0] == model.audio_channels, mix.shape
+    streamer = Streamer(model, segment_s=segment_s, overlap=overlap, shifts=shifts, seed=seed,
+                        batch_segments=batch_segments, transition_power=transition_power, dtype=dtype)
+    step = chunk_frames or max(1, mix.shape[1])
+    outs = []
+    for start in range(0, mix.shape[1], step):
+        outs.append(streamer.push(mix[:, start:start + step]))
+        if progress:
+            progress(min(start + step, mix.shape[1]))
+    outs.append(streamer.close())
+    out = torch.cat(outs, dim=-1)
+    assert out.shape == (len(model.sources), mix.shape[0], mix.shape[1]), out.shape
+    return out
