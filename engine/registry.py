@@ -1,0 +1,85 @@
+"""Name -> loaded model: the catalog (verified weights) first, then demucs-style local repos.
+
+``load_model("htdemucs")`` verifies every file's sha256 against the catalog before it is unpickled.
+A ``--repo DIR`` may also hold models that are not in the catalog, in demucs' own layout
+(``SIG-SHA8.th`` files, ``NAME.yaml`` bags): those are verified against the sha256 prefix in
+their file name, exactly as demucs does.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import weights
+from .errors import ChecksumMismatch, UnknownModel, WeightsMissing
+
+DEFAULT_ORDER = ("htdemucs", "spleeter-2stems")
+
+
+def _demucs_yaml(bag: str, root: Path) -> Path:
+    local = root / f"{bag}.yaml"
+    if local.is_file():
+        return local
+    import demucs
+    return Path(demucs.__file__).parent / "remote" / f"{bag}.yaml"
+
+
+def _local_demucs_file(sig: str, root: Path) -> Path:
+    """SIG-SHA8.th in a local repo, verified against SHA8 like demucs' LocalRepo."""
+    found = sorted(root.glob(f"{sig}-*.th")) + sorted(root.glob(f"{sig}.th"))
+    if not found:
+        raise WeightsMissing(f"model signature {sig!r}: no file {sig}-*.th in {root}")
+    path = found[0]
+    stem = path.stem
+    if "-" in stem:
+        prefix = stem.rsplit("-", 1)[1]
+        actual = weights.sha256_of(path)
+        if not actual.startswith(prefix):
+            raise ChecksumMismatch(f"{path}: sha256 mismatch: file name says {prefix}..., got {actual}")
+    return path
+
+
+def load_model(name: str, repo=None, device="cpu"):
+    """Load a Separator or Bag by catalog name, or from demucs-style files in ``repo``.
+
+    Raises UnknownModel, WeightsMissing, ChecksumMismatch, CheckpointError.
+    """
+    root = weights.repo_dir(repo)
+    spec = weights.catalog().get(name)
+    if spec is not None:
+        paths = weights.verified_files(name, repo)
+        if spec.family == "spleeter":
+            from .models.spleeter import load_spleeter
+            return load_spleeter(paths[spec.files[0].name], device=device)
+        if spec.family == "demucs":
+            from .models.htdemucs import load_demucs_bag
+            by_sig = {p.name.split("-", 1)[0]: p for p in paths.values()}
+
+            def resolve(sig: str) -> Path:
+                if sig not in by_sig:
+                    raise WeightsMissing(f"{name}: bag member {sig} is not among the catalog's files")
+                return by_sig[sig]
+            return load_demucs_bag(_demucs_yaml(spec.bag, root), resolve, device=device)
+        raise UnknownModel(f"{name}: unknown family {spec.family!r} in the catalog")
+    if (root / f"{name}.yaml").is_file():
+        from .models.htdemucs import load_demucs_bag
+        return load_demucs_bag(root / f"{name}.yaml", lambda sig: _local_demucs_file(sig, root), device=device)
+    if list(root.glob(f"{name}-*.th")):
+        from .models.htdemucs import load_demucs_package
+        return load_demucs_package(_local_demucs_file(name, root), device=device)
+    raise UnknownModel(f"unknown model {name!r}; known: {', '.join(sorted(weights.catalog()))}"
+                       f" (or put {name}.yaml / {name}-*.th in {root})")
+
+
+def default_model(repo=None) -> str:
+    """htdemucs when its weights are installed, otherwise spleeter-2stems."""
+    for name in DEFAULT_ORDER:
+        if weights.is_installed(weights.spec_for(name), repo):
+            return name
+    return DEFAULT_ORDER[-1]
+
+
+def model_sources(name: str, repo=None) -> list[str]:
+    spec = weights.catalog().get(name)
+    if spec is not None:
+        return list(spec.sources)
+    return list(load_model(name, repo).sources)
