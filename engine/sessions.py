@@ -1,0 +1,104 @@
+"""Per-track state: a track at the client's rate and channel count, fed in pieces, separated on
+the model's grid, returned at the client's rate and channel count.
+
+``TrackSeparator`` is what both the offline CLI and (later) daemon sessions use, so streamed
+output is the offline output by construction.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import audio
+from .apply import Streamer
+from .errors import BadRequest
+
+
+def output_stems(sources: list[str], two_stems: str | None) -> list[str]:
+    """Stem names a track will get: the model's, or ``[STEM, no_STEM]`` (demucs' --two-stems)."""
+    if two_stems is None:
+        return list(sources)
+    if two_stems not in sources:
+        raise BadRequest(f"--two-stems {two_stems}: the model's stems are {', '.join(sources)}")
+    return [two_stems, f"no_{two_stems}"]
+
+
+class TrackSeparator:
+    """Separate one track fed in blocks.
+
+    model: a Separator or Bag. sample_rate, channels: the track's (channels 1 or 2).
+    options: segment_s, overlap, shifts, seed, batch_segments, dtype (see engine.apply.Streamer).
+    two_stems: a source name, to return it and ``no_<name>`` (the sum of the others).
+
+    ``push(block)`` takes float32 [channels, n] and returns {stem: float32 [channels, m]} of the
+    final output so far; ``close()`` returns the rest. All outputs together have exactly the
+    pushed length, aligned with the input.
+    """
+
+    def __init__(self, model, sample_rate: int, channels: int, *, two_stems: str | None = None,
+                 where: str = "input", **options):
+        self.model = model
+        self.sample_rate = int(sample_rate)
+        self.channels = int(channels)
+        self.where = where
+        self.stems = output_stems(list(model.sources), two_stems)
+        self.two_stems = two_stems
+        self.streamer = Streamer(model, **options)
+        self.to_model = audio.Resampler(self.sample_rate, model.sample_rate, model.audio_channels)
+        self.from_model = audio.Resampler(model.sample_rate, self.sample_rate,
+                                          len(model.sources) * model.audio_channels)
+        self.frames_in = 0
+        self.frames_out = 0
+        self.held = np.zeros((len(self.stems), self.channels, 0), np.float32)
+
+    def _stems_from(self, out: torch.Tensor) -> np.ndarray:
+        """[sources, model_channels, m] at the model rate -> [stems, channels, m'] at the track rate."""
+        out = out.numpy()
+        s, c, m = out.shape
+        back = self.from_model.process(out.reshape(s * c, m)).reshape(s, c, -1)
+        if self.two_stems is not None:
+            i = self.model.sources.index(self.two_stems)
+            back = np.stack([back[i], back.sum(0) - back[i]])
+        return audio.from_channels(back, self.channels)
+
+    def _emit(self, stems: np.ndarray, final: bool) -> dict[str, np.ndarray]:
+        stems = np.concatenate([self.held, stems], axis=-1) if self.held.shape[-1] else stems
+        if final:  # exact input length: cut the resampling tail or pad its last few frames
+            need = self.frames_in - self.frames_out
+            if stems.shape[-1] < need:
+                stems = np.concatenate([stems, np.zeros(stems.shape[:2] + (need - stems.shape[-1],),
+                                                        np.float32)], axis=-1)
+        n = min(stems.shape[-1], self.frames_in - self.frames_out)
+        out, self.held = stems[..., :n], stems[..., n:]
+        self.frames_out += n
+        return {name: np.ascontiguousarray(out[i], dtype=np.float32) for i, name in enumerate(self.stems)}
+
+    def push(self, block: np.ndarray) -> dict[str, np.ndarray]:
+        block = audio.validate(block, self.where, self.frames_in, self.sample_rate)
+        if block.shape[0] != self.channels:
+            raise BadRequest(f"{self.where}: block has {block.shape[0]} channels, the track {self.channels}")
+        self.frames_in += block.shape[1]
+        x = self.to_model.process(audio.to_channels(block, self.model.audio_channels))
+        return self._emit(self._stems_from(self.streamer.push(torch.from_numpy(x))), final=False)
+
+    def close(self) -> dict[str, np.ndarray]:
+        parts = [self.to_model.flush()]
+        outs = [self.streamer.push(torch.from_numpy(np.ascontiguousarray(p))) for p in parts if p.shape[-1]]
+        outs.append(self.streamer.close())
+        stems = [self._stems_from(o) for o in outs]
+        if not self.from_model.identity:
+            flushed = self.from_model.flush()
+            s, c = len(self.model.sources), self.model.audio_channels
+            tail = flushed.reshape(s, c, -1)
+            if self.two_stems is not None:
+                i = self.model.sources.index(self.two_stems)
+                tail = np.stack([tail[i], tail.sum(0) - tail[i]])
+            stems.append(audio.from_channels(tail, self.channels))
+        return self._emit(np.concatenate(stems, axis=-1), final=True)
+
+
+def separate_array(model, mix: np.ndarray, sample_rate: int, **options) -> dict[str, np.ndarray]:
+    """One-shot: float32 [channels, frames] -> {stem: float32 [channels, frames]}."""
+    track = TrackSeparator(model, sample_rate, mix.shape[0], **options)
+    parts = [track.push(mix), track.close()]
+    return {s: np.concatenate([p[s] for p in parts], axis=-1) for s in track.stems}
