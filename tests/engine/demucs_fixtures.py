@@ -54,12 +54,12 @@ OFFICIAL_HTDEMUCS_KWARGS = {
 }
 
 # Same structure (bottom channels, dconv in encoder and decoder, cross transformer), much smaller.
-TINY_HTDEMUCS_KWARGS = dict(OFFICIAL_HTDEMUCS_KWARGS, channels=8, bottom_channels=32, t_layers=2,
+TINY_HTDEMUCS_KWARGS = dict(OFFICIAL_HTDEMUCS_KWARGS, channels=4, bottom_channels=32, t_layers=2,
                             t_heads=4, dconv_comp=4)
 
+# Like demucs.pretrained.demucs_unittest (HDemucs(channels=4)): hybrid, depth 6, the official STFT.
 TINY_HDEMUCS_KWARGS = {
-    'sources': list(SOURCES), 'audio_channels': 2, 'samplerate': 44100, 'segment': 44,
-    'channels': 8, 'depth': 4, 'nfft': 4096, 'dconv_comp': 4, 'norm_starts': 4,
+    'sources': list(SOURCES), 'audio_channels': 2, 'samplerate': 44100, 'segment': 44, 'channels': 4,
 }
 
 # A plain stand-in for the hydra training config that serialize_model stores as 'training_args'.
