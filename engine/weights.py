@@ -189,6 +189,7 @@ def fetch_file(f: FileSpec, root: Path, timeout_s: float = DOWNLOAD_TIMEOUT_S) -
         if actual != f.sha256:
             raise ChecksumMismatch(f"{f.url}: sha256 mismatch: expected {f.sha256}, got {actual}; "
                                    "the download was discarded")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, final)
         return final
     finally:
@@ -245,6 +246,7 @@ def _derive(spec: ModelSpec, f: FileSpec, root: Path, timeout_s: float, log: Cal
             if actual != f.sha256:
                 raise ChecksumMismatch(f"{spec.name}: converted {f.name} from {a.name}: sha256 mismatch: "
                                        f"expected {f.sha256}, got {actual}")
+            os.chmod(tmp, 0o644)
             os.replace(tmp, root / f.name)
         finally:
             tmp.unlink(missing_ok=True)

@@ -178,7 +178,7 @@ def _read_package(path: Path) -> dict:
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        found = re.search(r"(?:Unsupported global: |unsupported )GLOBAL (\S+)", str(exc))
         what = f"it references {found.group(1)}" if found else _first_line(exc)
         raise DemucsPackageError(
             f"{path}: refused to unpickle: {what}; a demucs package may only hold the demucs model "

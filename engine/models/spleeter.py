@@ -263,7 +263,7 @@ def convert_tf_checkpoint(prefix: Path, out_path: Path) -> None:
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: state[k].contiguous() for k in sorted(state)}, str(out_path),
-              metadata={"format": "pt", "model": Spleeter.name})
+              metadata={"format": "pt"})  # one key: safetensors orders metadata keys at random
 
 
 def load_spleeter(path: Path, device: str | torch.device = "cpu") -> Spleeter:
