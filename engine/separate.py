@@ -20,6 +20,8 @@ from .sessions import TrackSeparator, output_stems
 READ_BLOCK_S = 10.0
 FORMATS = {"wav": "wav", "flac": "flac", "mp3": "mp3"}
 DEFAULT_TEMPLATE = "{track}/{stem}.{ext}"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 @dataclass
@@ -102,9 +104,12 @@ class _StemWriter:
         except OSError as e:
             raise OutputError(f"{dest.parent}: cannot write ({e.strerror or e})") from None
         self.tmp = Path(tmp)
-        kwargs = {"quality": f"{fmt.mp3_bitrate_kbps}"} if fmt.ext == "mp3" else {"bit_depth": fmt.bit_depth}
-        self.file = AudioFile(str(self.tmp), "w", samplerate=sample_rate, num_channels=channels,
-                              format=fmt.ext, **kwargs)
+        kwargs = {"quality": f"{fmt.mp3_bitrate_kbps} kbps"} if fmt.ext == "mp3" else {"bit_depth": fmt.bit_depth}
+        try:
+            self.file = AudioFile(str(self.tmp), "w", samplerate=sample_rate, num_channels=channels, **kwargs)
+        except Exception as e:
+            self.tmp.unlink(missing_ok=True)
+            raise OutputError(f"{dest}: cannot write {fmt.ext} ({str(e).splitlines()[0]})") from None
         self.report = StemReport(dest)
 
     def write(self, block: np.ndarray) -> None:
@@ -119,6 +124,7 @@ class _StemWriter:
 
     def commit(self) -> None:
         self.file.close()
+        os.chmod(self.tmp, 0o666 & ~_UMASK)  # mkstemp made it 0600
         os.replace(self.tmp, self.dest)
 
     def discard(self) -> None:

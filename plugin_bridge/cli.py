@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    except BrokenPipeError:  # `unbake models | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
