@@ -84,6 +84,14 @@ def _open_input(path: Path):
     if f.frames < 1:
         f.close()
         raise BadAudio(f"{path}: contains no audio frames")
+    try:  # pedalboard trusts the header of a cut WAV/AIFF and pads it with silence; libsndfile counts
+        import soundfile
+        held = soundfile.info(str(path)).frames
+    except Exception:
+        held = f.frames
+    if held < f.frames:
+        f.close()
+        raise BadAudio(f"{path}: truncated: the header says {f.frames} frames, the file holds {held}")
     if f.num_channels > 2:
         f.close()
         raise BadAudio(f"{path}: {f.num_channels} channels; unbake separates mono or stereo audio "
