@@ -21,6 +21,7 @@ Frames [0, k * stride) are final as soon as segments 0..k-1 have run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import random
 from typing import Callable, Iterable
@@ -239,8 +240,13 @@ class Streamer:
         self.parts: list[tuple[OverlapAdd, torch.Tensor]] = []  # (runner, per-source scale)
         totals = torch.tensor(weights, dtype=torch.float32).sum(0)
         for member, w in zip(members, weights):
-            seg, stride = grid_for(member, segment_s if segment_s is None else
-                                   min(segment_s, _max_segment_s(member)), overlap)
+            member_segment = None if segment_s is None else min(segment_s, _max_segment_s(member))
+            if member_segment is not None and hasattr(member, "set_segment"):
+                # demucs models also change the window fed to the network with the segment; a
+                # shallow copy shares the weights and leaves the (shared, warm) model untouched.
+                member = copy.copy(member)
+                member.set_segment(member_segment)
+            seg, stride = grid_for(member, member_segment, overlap)
             prefixes = [0] if shifts == 0 else [
                 int(MAX_SHIFT_S * member.sample_rate) - rng.randint(0, int(MAX_SHIFT_S * member.sample_rate))
                 for _ in range(shifts)]
