@@ -10,6 +10,7 @@ The sha256 of a file is checked by the weights store before any of these loaders
 """
 from __future__ import annotations
 
+import inspect
 import pickle
 import re
 import warnings
@@ -84,7 +85,6 @@ class DemucsAdapter(nn.Module):
         self.audio_channels = int(model.audio_channels)
         self.default_overlap = float(default_overlap)
         self._segment_override: float | None = None
-        self.segment_frames = 0
         self.set_segment(segment_s)
         self.eval()
 
@@ -105,6 +105,12 @@ class DemucsAdapter(nn.Module):
         return self.training_frames
 
     @property
+    def segment_frames(self) -> int:
+        """Default segment of the overlap-add grid: ``int(samplerate * segment)``, as demucs."""
+        seg = self._segment_override if self._segment_override is not None else self.model.segment
+        return int(self.model.samplerate * seg)
+
+    @property
     def segment_s(self) -> float:
         """The segment in seconds the grid uses (the override, or the model's own ``segment``)."""
         seg = self._segment_override if self._segment_override is not None else self.model.segment
@@ -114,16 +120,16 @@ class DemucsAdapter(nn.Module):
         """Override the segment like ``demucs.apply.apply_model(segment=segment_s)``; None resets it."""
         if segment_s is None:
             self._segment_override = None
-            self.segment_frames = int(self.model.samplerate * self.model.segment)
             return
         if isinstance(segment_s, bool) or not isinstance(segment_s, Real) or not segment_s > 0:
             raise ValueError(f"{self.name}: segment must be a positive number of seconds, got {segment_s!r}")
-        if self.is_htdemucs and segment_s > self.model.segment:
+        frames = int(self.model.samplerate * segment_s)
+        training = self.training_frames
+        if training is not None and frames > training:  # compared in samples: robust to float rounding
             raise ValueError(
                 f"{self.name}: segment {float(segment_s)} s exceeds the HTDemucs training segment "
                 f"{float(self.model.segment)} s")
         self._segment_override = segment_s
-        self.segment_frames = int(self.model.samplerate * segment_s)
 
     # -- Separator contract -----------------------------------------------------------------------
     def valid_length(self, frames: int) -> int:
@@ -217,8 +223,6 @@ def _check_package(path: Path, package) -> None:
 
 
 def _build_model(path: Path, package: dict) -> nn.Module:
-    import inspect
-
     klass, args, kwargs = package["klass"], list(package["args"]), dict(package["kwargs"])
     # Like demucs.states.load_model (its default): constructor arguments that the installed demucs no
     # longer knows are dropped with a warning. The weights are still loaded strictly below.

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from demucs.demucs import Demucs
 from demucs.hdemucs import HDemucs
 from demucs.htdemucs import HTDemucs
 from demucs.states import save_with_checksum, serialize_model
@@ -34,6 +35,7 @@ SIG_HT_A = "5eed0a01"
 SIG_HT_B = "5eed0b02"
 SIG_HT_C = "5eed0c03"
 SIG_HD = "5eed0d04"
+SIG_DM = "5eed0f06"
 
 # The official htdemucs (955717e8) constructor kwargs, as stored in its package.
 OFFICIAL_HTDEMUCS_KWARGS = {
@@ -60,6 +62,12 @@ TINY_HTDEMUCS_KWARGS = dict(OFFICIAL_HTDEMUCS_KWARGS, channels=4, bottom_channel
 # Like demucs.pretrained.demucs_unittest (HDemucs(channels=4)): hybrid, depth 6, the official STFT.
 TINY_HDEMUCS_KWARGS = {
     'sources': list(SOURCES), 'audio_channels': 2, 'samplerate': 44100, 'segment': 44, 'channels': 4,
+}
+
+# Demucs v3 (time domain only), small.
+TINY_DEMUCS_KWARGS = {
+    'sources': list(SOURCES), 'audio_channels': 2, 'samplerate': 44100, 'segment': 10,
+    'channels': 4, 'depth': 4,
 }
 
 # A plain stand-in for the hydra training config that serialize_model stores as 'training_args'.
@@ -114,6 +122,11 @@ def make_hdemucs(seed: int = 0) -> HDemucs:
     return HDemucs(**TINY_HDEMUCS_KWARGS).eval()
 
 
+def make_demucs(seed: int = 0) -> Demucs:
+    torch.manual_seed(seed)
+    return Demucs(**TINY_DEMUCS_KWARGS).eval()
+
+
 def round_to_half(model: torch.nn.Module) -> torch.nn.Module:
     """Round the weights to float16 and back, in place: the official packages store half states,
     so a model compared with its loaded package must hold the same (rounded) weights."""
@@ -145,8 +158,9 @@ def write_raw_package(package: dict, folder: Path, sig: str) -> Path:
 
 
 def package_of(model: torch.nn.Module, half: bool = True) -> dict:
+    """serialize_model's dict, deep-copied: its 'args'/'kwargs' are the model's own captured objects."""
     with _omegaconf_available():
-        return serialize_model(model, TRAINING_ARGS, half=half)
+        return copy.deepcopy(serialize_model(model, TRAINING_ARGS, half=half))
 
 
 def write_bag(folder: Path, name: str, sigs: list[str], weights: list[list[float]] | None = None,
@@ -188,6 +202,7 @@ def build_fixture_repo(folder: Path) -> dict:
         SIG_HT_B: round_to_half(make_htdemucs(seed=2)),
         SIG_HT_C: round_to_half(make_htdemucs(seed=3)),
         SIG_HD: round_to_half(make_hdemucs(seed=4)),
+        SIG_DM: round_to_half(make_demucs(seed=5)),
     }
     packages = {sig: write_package(m, folder, sig) for sig, m in models.items()}
     return {

@@ -59,7 +59,7 @@ def test_official_format_needs_exactly_the_model_class_and_fraction(repo):
 
 
 # -- loading ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("sig", [F.SIG_HT_A, F.SIG_HD])
+@pytest.mark.parametrize("sig", [F.SIG_HT_A, F.SIG_HD, F.SIG_DM])
 def test_loaded_adapter_equals_the_in_memory_model_exactly(repo, sig):
     adapter = load_demucs_package(repo["packages"][sig])
     original = repo["models"][sig]
@@ -120,10 +120,31 @@ def test_valid_length_is_what_demucs_apply_model_feeds(repo, frames):
         assert adapter.segment_frames == 5 * 44100
 
 
-def test_valid_length_hdemucs_is_what_demucs_feeds(repo):
-    model = repo["models"][F.SIG_HD]
+@pytest.mark.parametrize("sig", [F.SIG_HD, F.SIG_DM])
+def test_valid_length_hdemucs_demucs_is_what_demucs_feeds(repo, sig):
+    model = repo["models"][sig]
     adapter = DemucsAdapter(model)
-    assert adapter.valid_length(30_001) == _fed_length(model, 30_001)
+    for frames in (100, 30_001):  # (the tiny HDemucs' 1-channel DConv GroupNorms cannot take 1 frame)
+        assert adapter.valid_length(frames) == _fed_length(model, frames)
+        # apply_model(segment=...) changes only the grid for these models, not the window.
+        adapter.set_segment(3.0)
+        assert adapter.valid_length(frames) == _fed_length(model, frames, segment=3.0)
+        adapter.set_segment(None)
+    assert adapter.max_segment_frames is None
+
+
+def test_unknown_constructor_arguments_are_dropped_like_demucs(repo, tmp_path):
+    path = _broken(repo, tmp_path, lambda p: p["kwargs"].__setitem__("retired_option", 3), sig="badbad08")
+    with pytest.warns(UserWarning, match="retired_option"):
+        adapter = load_demucs_package(path)
+    x = _noise(T)
+    with torch.inference_mode():
+        assert torch.equal(adapter(x), repo["models"][F.SIG_HT_A](x))
+
+
+def test_not_a_demucs_model_cannot_be_wrapped():
+    with pytest.raises(TypeError):
+        DemucsAdapter(torch.nn.Linear(2, 2))
 
 
 def test_segment_override_follows_demucs_rules(repo):
