@@ -11,7 +11,7 @@ Pipeline for a waveform ``x`` [channels, samples]:
   1. prepend ``frame_length`` zeros, STFT (periodic Hann 4096, hop 1024, ``pad_end``: zero-pad
      the end so every sample is covered), magnitude of the first F=1024 bins;
   2. per instrument a U-Net predicting a sigmoid mask multiplied by the magnitude;
-  3. ratio masks ``(y_i**2 + eps/2) / (sum_j y_j**2 + eps)``, zero above bin 1024;
+  3. ratio masks ``(y_i**2 + eps/2) / (sum_j y_j**2 + eps)``, zero above bin 1024 (11 kHz);
   4. masked complex STFT, inverse STFT (plain overlap-add of windowed frames) * 2/3, crop the
      prepended zeros.
 
@@ -50,7 +50,7 @@ _CL = torch.channels_last
 # Polyphase form of a TF 'SAME' 5x5 stride-2 transposed conv: output row 2q+p is a 3-tap
 # correlation of input rows q-1, q, q+1 with kernel rows _PHASE_TAPS[p] (5: a zero row).
 _PHASE_TAPS = torch.tensor([[3, 1, 5], [4, 2, 0]])
-_ISTFT_BLOCK = 128  # STFT frames per inverse-FFT block
+_STFT_BLOCK = _ISTFT_BLOCK = 128  # STFT frames per (inverse) FFT block
 _CPU_TILE_ROWS = 64  # CPU: transposed convs run in tiles of this many input rows (cache-friendly)
 
 
@@ -61,13 +61,13 @@ def _bn_affine(bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[torch.Tensor, to
     return scale.view(1, -1, 1, 1).to(dtype), shift.view(1, -1, 1, 1).to(dtype)
 
 
-def _padded_like(y: torch.Tensor, channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded_like(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A channels_last buffer for y [B, C, H, W] with TF-SAME borders (1 before, 2 after) zeroed.
 
     Returns (buffer [B, C, H + 3, W + 3], its interior view [B, C, H, W]).
     """
     b, c, h, w = y.shape
-    buf = torch.empty(b, channels or c, h + 3, w + 3, dtype=y.dtype, device=y.device, memory_format=_CL)
+    buf = torch.empty(b, c, h + 3, w + 3, dtype=y.dtype, device=y.device, memory_format=_CL)
     buf[:, :, :1].zero_()
     buf[:, :, h + 1:].zero_()
     buf[:, :, 1:h + 1, :1].zero_()
@@ -79,6 +79,8 @@ class UNet(nn.Module):
     """One instrument's U-Net (spleeter ``apply_unet``): input magnitude -> sigmoid mask * input.
 
     Input and output: [batch, 2 audio channels, frames, 1024 bins], frames a multiple of 64.
+    The state dict (names, shapes, NCHW layout) is what ``state_dict_from_tf`` produces; the
+    converted file's sha256 is pinned in presets/models.toml, so it must not change.
     Encoder: 6x (Conv 5x5 stride 2 'SAME' -> BN -> LeakyReLU 0.2); the skips are the conv
     outputs BEFORE batch norm. Decoder: 6x (ConvTranspose 5x5 stride 2 'SAME' -> ReLU -> BN
     [-> dropout, identity at inference] -> concat with the skip); then Conv 4x4 dilation 2
@@ -157,14 +159,14 @@ class UNet(nn.Module):
             else:  # the last one runs on the two halves separately: no big concat buffer
                 out = torch.empty(b, deconv.out_channels, rows, cols, dtype=skip.dtype,
                                   device=skip.device, memory_format=_CL)
-            n_in = h.shape[2]
+            n_in, weight = h.shape[2], deconv.weight.to(h.dtype)
             tile = _CPU_TILE_ROWS if h.device.type == "cpu" else n_in
             for r0 in range(0, n_in, tile):
                 # Input rows [r0 - 1, r1 + 1) make output rows [2 r0, 2 r1): full transposed
                 # output row m + 1 is TF's row m.
                 r1 = min(n_in, r0 + tile)
                 a, e = max(r0 - 1, 0), min(r1 + 1, n_in)
-                y = F.conv_transpose2d(h[:, :, a:e], deconv.weight.to(h.dtype), None, 2, (0, 1))
+                y = F.conv_transpose2d(h[:, :, a:e], weight, None, 2, (0, 1))
                 y = y[:, :, 2 * (r0 - a) + 1:2 * (r1 - a) + 1, :-1]
                 torch.addcmul(shift, torch.clamp_(y, min=-bias), scale, out=out[:, :, 2 * r0:2 * r1])
             h = merged if level < n_levels - 2 else (skip, out)
@@ -237,19 +239,24 @@ class Spleeter(nn.Module):
         return max(frames, n * FRAME_STEP - FRAME_LENGTH)
 
     # ------------------------------------------------------------------ pipeline pieces
-    def stft(self, wav: torch.Tensor) -> torch.Tensor:
-        """wav: [n, samples] -> complex64 [n, frames, 2049], spleeter's STFT (zeros prepended).
+    def stft(self, wav: torch.Tensor, bins: int | None = None) -> torch.Tensor:
+        """wav: [n, samples] -> complex64 [n, frames, bins or 2049], spleeter's STFT.
 
         tf.signal.stft(frame_length 4096, step 1024, periodic Hann, pad_end=True) of the
         waveform with FRAME_LENGTH zeros in front: frames = ceil((samples + 4096) / 1024).
+        Computed over blocks of frames, keeping only the first ``bins`` bins.
         """
-        samples = wav.shape[-1]
+        n, samples = wav.shape
         frames = self.stft_frames(samples)
-        pad_end = (frames - 1) * FRAME_STEP - samples
-        wav = F.pad(wav.float(), (FRAME_LENGTH, pad_end))
-        spec = torch.stft(wav, FRAME_LENGTH, FRAME_STEP, window=self.window.float(), center=False,
-                          return_complex=True)
-        return spec.transpose(-1, -2)
+        wav = F.pad(wav.float(), (FRAME_LENGTH, (frames - 1) * FRAME_STEP - samples))
+        windows = wav.unfold(-1, FRAME_LENGTH, FRAME_STEP)  # [n, frames, 4096], a view
+        bins = bins or FRAME_LENGTH // 2 + 1
+        out = torch.empty(n, frames, bins, dtype=torch.complex64, device=wav.device)
+        window = self.window.float()
+        for f0 in range(0, frames, _STFT_BLOCK):
+            spec = torch.fft.rfft(windows[:, f0:f0 + _STFT_BLOCK] * window, dim=-1)
+            out[:, f0:f0 + _STFT_BLOCK] = spec[..., :bins]
+        return out
 
     def masks(self, mag: torch.Tensor) -> torch.Tensor:
         """mag: [batch, 2, frames, 1024] -> ratio masks float32 [batch, sources, 2, frames, 1024].
@@ -265,19 +272,22 @@ class Spleeter(nn.Module):
         return out
 
     def synthesize(self, spec: torch.Tensor, masks: torch.Tensor, samples: int) -> torch.Tensor:
-        """Masked inverse STFT: spec complex [batch, C, frames, 2049], masks float [batch, S, C,
-        >= frames, 1024] -> float32 [batch, S, C, samples].
+        """Masked inverse STFT: spec complex [batch, C, frames, 1024 or 2049 bins] (2049 for
+        full_band), masks float [batch, S, C, >= frames, 1024] -> float32 [batch, S, C, samples].
 
         tf.signal.inverse_stft (irfft, periodic Hann window, plain overlap-add) * 2/3, cropped to
         the samples after the prepended zeros; bins >= 1024 as set by ``full_band``. Runs over
         blocks of frames to keep the complex temporaries small.
         """
         batch, channels, frames, bins = spec.shape
+        if self.full_band and bins < FRAME_LENGTH // 2 + 1:
+            raise ValueError(f"full_band needs all {FRAME_LENGTH // 2 + 1} STFT bins, got {bins}")
         n_src = masks.shape[1]
         hops = FRAME_LENGTH // FRAME_STEP  # each sample is covered by 4 frames
         out = torch.zeros(batch, n_src, channels, frames + hops - 1, FRAME_STEP, device=spec.device)
         block = min(frames, _ISTFT_BLOCK)
-        buf = spec.new_zeros(batch, n_src, channels, block, bins)  # bins >= 1024 stay 0 ("zeros")
+        # bins >= 1024 stay 0 unless full_band (mask_extension "zeros")
+        buf = spec.new_zeros(batch, n_src, channels, block, FRAME_LENGTH // 2 + 1)
         window = self.window.float() * WINDOW_COMPENSATION
         for f0 in range(0, frames, block):
             k = min(block, frames - f0)
@@ -300,8 +310,8 @@ class Spleeter(nn.Module):
         """
         batch, channels, samples = mix.shape
         with torch.autocast(mix.device.type, enabled=False):
-            spec = self.stft(mix.reshape(batch * channels, samples))
-            spec = spec.reshape(batch, channels, *spec.shape[1:])  # [batch, 2, frames, 2049]
+            spec = self.stft(mix.reshape(batch * channels, samples), None if self.full_band else BINS)
+            spec = spec.reshape(batch, channels, *spec.shape[1:])  # [batch, 2, frames, bins]
             frames = spec.shape[2]
             mag = F.pad(spec[..., :BINS].abs(), (0, 0, 0, -frames % _MULTIPLE))
         masks = self.masks(mag)
@@ -318,7 +328,7 @@ def separate_reference(model: Spleeter, mix: torch.Tensor) -> torch.Tensor:
     (``pad_and_partition``), each block goes through the U-Nets on its own, and the masked
     whole-track STFT is inverted at once.
     """
-    spec = model.stft(mix.to(model.window.device)).unsqueeze(0)  # [1, 2, frames, 2049]
+    spec = model.stft(mix.to(model.window.device), None if model.full_band else BINS)[None]
     frames = spec.shape[2]
     mag = F.pad(spec[..., :BINS].abs(), (0, 0, 0, -frames % BLOCK))
     masks = torch.cat([model.masks(mag[:, :, s:s + BLOCK]) for s in range(0, mag.shape[2], BLOCK)], dim=3)
