@@ -55,7 +55,11 @@ class TrackSeparator:
         """[sources, model_channels, m] at the model rate -> [stems, channels, m'] at the track rate."""
         out = out.numpy()
         s, c, m = out.shape
-        back = self.from_model.process(out.reshape(s * c, m)).reshape(s, c, -1)
+        return self._track_stems(self.from_model.process(out.reshape(s * c, m)))
+
+    def _track_stems(self, back: np.ndarray) -> np.ndarray:
+        """[sources * model_channels, m] at the track rate -> [stems, channels, m] (two-stems, channels)."""
+        back = back.reshape(len(self.model.sources), self.model.audio_channels, -1)
         if self.two_stems is not None:
             i = self.model.sources.index(self.two_stems)
             back = np.stack([back[i], back.sum(0) - back[i]])
@@ -82,18 +86,12 @@ class TrackSeparator:
         return self._emit(self._stems_from(self.streamer.push(torch.from_numpy(x))), final=False)
 
     def close(self) -> dict[str, np.ndarray]:
-        parts = [self.to_model.flush()]
-        outs = [self.streamer.push(torch.from_numpy(np.ascontiguousarray(p))) for p in parts if p.shape[-1]]
+        rest = self.to_model.flush()
+        outs = [self.streamer.push(torch.from_numpy(np.ascontiguousarray(rest)))] if rest.shape[-1] else []
         outs.append(self.streamer.close())
         stems = [self._stems_from(o) for o in outs]
         if not self.from_model.identity:
-            flushed = self.from_model.flush()
-            s, c = len(self.model.sources), self.model.audio_channels
-            tail = flushed.reshape(s, c, -1)
-            if self.two_stems is not None:
-                i = self.model.sources.index(self.two_stems)
-                tail = np.stack([tail[i], tail.sum(0) - tail[i]])
-            stems.append(audio.from_channels(tail, self.channels))
+            stems.append(self._track_stems(self.from_model.flush()))
         return self._emit(np.concatenate(stems, axis=-1), final=True)
 
 
