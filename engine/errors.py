@@ -4,7 +4,13 @@ that travels on the wire and in sidecar files; messages are one line naming what
     UnbakeError                      E_INTERNAL
      ├── BadAudio                    E_BAD_AUDIO       unreadable, empty, NaN/Inf, too many channels
      ├── BadRequest                  E_BAD_REQUEST     an option out of range, a bad stem name
+     │    └── UnknownSession         E_UNKNOWN_SESSION no such session (closed, cancelled, expired)
      ├── OutputError                 E_OUTPUT          cannot write where asked
+     ├── ProtocolError               E_PROTOCOL        a message that breaks the wire protocol
+     │    └── LimitExceeded          E_LIMIT           a size or count over the daemon's limits
+     ├── QueueFull                   E_QUEUE_FULL      too many sessions or queued requests; retry later
+     ├── Cancelled                   E_CANCELLED       the session was cancelled before this finished
+     ├── EngineUnavailable           E_UNAVAILABLE     no daemon answered in time, or it is shutting down
      └── ModelError                  E_MODEL
           ├── UnknownModel           E_UNKNOWN_MODEL   not in the catalog nor in --repo
           ├── WeightsMissing         E_WEIGHTS_MISSING not installed (run `unbake fetch NAME`)
@@ -12,7 +18,8 @@ that travels on the wire and in sidecar files; messages are one line naming what
           ├── CheckpointError        E_CHECKPOINT      a verified file whose content cannot be loaded
           └── DownloadError          E_DOWNLOAD        no source could be reached (offline)
 
-This module is imported by the torch-free client: stdlib only.
+The client raises the same classes with the daemon's code (``from_code``); ``ModelError`` is what
+"model unavailable" means to a caller. This module is imported by the torch-free client: stdlib only.
 """
 from __future__ import annotations
 
@@ -36,8 +43,32 @@ class BadRequest(UnbakeError):
     code = "E_BAD_REQUEST"
 
 
+class UnknownSession(BadRequest):
+    code = "E_UNKNOWN_SESSION"
+
+
 class OutputError(UnbakeError):
     code = "E_OUTPUT"
+
+
+class ProtocolError(UnbakeError):
+    code = "E_PROTOCOL"
+
+
+class LimitExceeded(ProtocolError):
+    code = "E_LIMIT"
+
+
+class QueueFull(UnbakeError):
+    code = "E_QUEUE_FULL"
+
+
+class Cancelled(UnbakeError):
+    code = "E_CANCELLED"
+
+
+class EngineUnavailable(UnbakeError):
+    code = "E_UNAVAILABLE"
 
 
 class ModelError(UnbakeError):

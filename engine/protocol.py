@@ -1,0 +1,335 @@
+"""The unbake wire protocol, version 1: constants, message layout, limits, encode/decode.
+
+Imported by the torch-free client: stdlib, numpy and msgpack only. Never pickle.
+
+Transport: the client's DEALER talks to the daemon's ROUTER (the ROUTER sees the peer's identity
+frame first and puts it back on replies). Every message, both ways, is::
+
+    frame 0      header: a msgpack map (at most ``Limits.max_header_bytes``)
+    frame 1..n   PCM: raw little-endian float32, C order, layout [channels, frames] as the header says
+
+Requests (header keys; every request has ``v`` = PROTOCOL_VERSION, ``op`` and ``id``, an int the
+client picks and that every reply to it carries as ``re``)::
+
+    hello   {client?}                                              -> hello
+    status  {}                                                     -> status
+    models  {}                                                     -> models
+    open    {model?, sample_rate, channels, options?}              -> ready
+    push    {session, channels, frames}  + 1 PCM frame           -> progress*, stems*, done
+    close   {session}                                              -> progress*, stems*, done
+    cancel  {session}                                              -> done
+
+Replies (header keys; every reply has ``v``, ``kind`` and ``re``)::
+
+    hello     {protocol, engine_version, device, limits}                          terminal
+    status    {uptime_s, device, models, queue_depth, sessions, served, ...}      terminal
+    models    {models: [{name, sources, installed, loaded}]}                      terminal
+    ready     {session, model, stems, sample_rate, channels, model_sample_rate,
+               latency_samples, options}                                          terminal
+    progress  {session?, state, percent?, eta_s?}     keep-alive while a request is queued or running
+    stems     {session, start, frames, channels, stems} + one PCM frame per stem, in ``stems`` order
+    done      {session, frames_in, frames_out, final}                            terminal
+    error     {code, message}    code from engine.errors; ``re`` is None when the
+                                 request's id could not be read                   terminal
+
+Exactly one terminal reply answers each request. ``stems.start`` is the index (at the client's
+rate) of the block's first frame in the stem; blocks of a session come in order and without gaps.
+``latency_samples`` in ``ready`` is how far the stem output may lag the input pushed: after a
+push's ``done``, the stems cover at least ``frames_in - latency_samples`` frames.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .errors import BadAudio, BadRequest, LimitExceeded, ProtocolError
+
+PROTOCOL_VERSION = 1
+PCM_DTYPE = "<f4"
+LAYOUT = "[channels, frames]"
+
+# requests
+HELLO, STATUS, MODELS, OPEN, PUSH, CLOSE, CANCEL = "hello", "status", "models", "open", "push", "close", "cancel"
+OPS = (HELLO, STATUS, MODELS, OPEN, PUSH, CLOSE, CANCEL)
+SESSION_OPS = (PUSH, CLOSE, CANCEL)
+SAFE_TO_REPEAT = (HELLO, STATUS, MODELS)  # Lazy Pirate may resend these as they are
+
+# replies
+K_HELLO, K_STATUS, K_MODELS, K_READY = "hello", "status", "models", "ready"
+K_PROGRESS, K_STEMS, K_DONE, K_ERROR = "progress", "stems", "done", "error"
+TERMINAL = frozenset({K_HELLO, K_STATUS, K_MODELS, K_READY, K_DONE, K_ERROR})
+
+# options a session may set at open (engine.apply.Streamer / engine.sessions.TrackSeparator)
+OPTION_TYPES: dict[str, tuple[type, ...]] = {
+    "segment_s": (int, float), "overlap": (int, float), "shifts": (int,), "seed": (int,),
+    "two_stems": (str,), "transition_power": (int, float),
+}
+MAX_SHIFTS = 20
+MAX_ID = 2 ** 63 - 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the daemon accepts; checked on every message before anything is allocated."""
+    max_header_bytes: int = 64 * 1024
+    max_frames: int = 1                     # PCM frames in one request (push carries one)
+    max_channels: int = 2
+    max_chunk_samples: int = 2 ** 24        # channels * frames in one push (64 MiB of float32)
+    min_sample_rate: int = 1000
+    max_sample_rate: int = 768_000
+    max_sessions_per_client: int = 16
+    max_sessions: int = 64
+    max_pending_per_session: int = 16       # requests of one session queued at once
+    session_ttl_s: float = 120.0            # a session untouched this long is freed
+
+    @property
+    def max_message_bytes(self) -> int:
+        """ZMQ_MAXMSGSIZE: the largest single frame a peer may send."""
+        return max(self.max_header_bytes, 4 * self.max_chunk_samples)
+
+    def to_wire(self) -> dict:
+        return asdict(self)
+
+
+# -- where the daemon listens ---------------------------------------------------------------------
+
+ENDPOINT_ENV = "UNBAKE_ENDPOINT"
+
+
+def runtime_dir() -> str:
+    """The user's private runtime folder for unbake (created 0700): $XDG_RUNTIME_DIR/unbake, else
+    /run/user/UID/unbake, else TMPDIR/unbake-UID."""
+    candidates = [os.path.join(d, "unbake") for d in (os.environ.get("XDG_RUNTIME_DIR"),
+                                                      f"/run/user/{os.getuid()}") if d]
+    candidates.append(os.path.join(tempfile.gettempdir(), f"unbake-{os.getuid()}"))
+    for path in candidates:
+        parent = os.path.dirname(path)
+        if os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            st = os.stat(path)
+            if st.st_uid == os.getuid():
+                os.chmod(path, 0o700)
+                return path
+    raise OSError(f"no private runtime folder for unbake among {candidates}")
+
+
+def default_endpoint() -> str:
+    """$UNBAKE_ENDPOINT, else ipc://<runtime_dir>/engine.sock."""
+    return os.environ.get(ENDPOINT_ENV) or f"ipc://{os.path.join(runtime_dir(), 'engine.sock')}"
+
+
+def lock_path(endpoint: str) -> str:
+    """The file a daemon holds locked (flock) while it serves ``endpoint``: one daemon per endpoint."""
+    if endpoint.startswith("ipc://"):
+        return endpoint[len("ipc://"):] + ".lock"
+    safe = "".join(ch if ch.isalnum() else "-" for ch in endpoint)
+    return os.path.join(runtime_dir(), f"{safe}.lock")
+
+
+# -- encoding -------------------------------------------------------------------------------------
+
+def pack(header: dict) -> bytes:
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def pcm_frame(block: np.ndarray) -> memoryview:
+    """float32 [channels, frames] -> its bytes as sent (little-endian, C order), without a copy
+    where the array already is so."""
+    assert block.ndim == 2, block.shape  # [channels, frames]
+    block = np.ascontiguousarray(block, dtype=PCM_DTYPE)
+    return memoryview(block).cast("B")
+
+
+def request(op: str, req_id: int, pcm: list[np.ndarray] = (), **fields) -> list:
+    """[header, pcm...] for a request."""
+    return [pack({"v": PROTOCOL_VERSION, "op": op, "id": req_id, **fields}), *(pcm_frame(p) for p in pcm)]
+
+
+def reply(kind: str, re: int | None, pcm: list[np.ndarray] = (), **fields) -> list:
+    """[header, pcm...] for a reply."""
+    return [pack({"v": PROTOCOL_VERSION, "kind": kind, "re": re, **fields}), *(pcm_frame(p) for p in pcm)]
+
+
+def error_reply(re: int | None, err: Exception) -> list:
+    code = getattr(err, "code", "E_INTERNAL")
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return reply(K_ERROR, re, code=code, message=message[:1000])
+
+
+# -- decoding -------------------------------------------------------------------------------------
+
+def unpack_header(frame: bytes, limits: Limits) -> dict:
+    """msgpack bytes -> dict. Raises LimitExceeded / ProtocolError; allocates at most the frame's size."""
+    if len(frame) > limits.max_header_bytes:
+        raise LimitExceeded(f"header: {len(frame)} bytes, the limit is {limits.max_header_bytes}")
+    try:
+        header = msgpack.unpackb(bytes(frame), raw=False, strict_map_key=True, use_list=True)
+    except Exception as e:
+        raise ProtocolError(f"header: not valid msgpack ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header: expected a map, got {type(header).__name__}")
+    return header
+
+
+def request_id(header: dict) -> int | None:
+    """The request's id if it is a valid one (so an error can name it), else None."""
+    rid = header.get("id")
+    if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= MAX_ID:
+        return rid
+    return None
+
+
+def _field(header: dict, key: str, types: tuple[type, ...], where: str, required: bool = True):
+    if key not in header or header[key] is None:
+        if required:
+            raise ProtocolError(f"{where}: missing {key!r}")
+        return None
+    value = header[key]
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        names = " or ".join(t.__name__ for t in types)
+        raise ProtocolError(f"{where}: {key!r} must be {names}, got {type(value).__name__}")
+    return value
+
+
+def check_request(header: dict, n_pcm: int, limits: Limits) -> dict:
+    """Validate a request header against the schema and limits; returns it normalised.
+
+    Raises ProtocolError (wrong types, unknown op, bad version), LimitExceeded (sizes, counts),
+    BadRequest (values out of range). Touches no PCM: sizes are checked here, before any allocation.
+    """
+    v = header.get("v")
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {v!r} is not supported (this daemon speaks {PROTOCOL_VERSION})")
+    if request_id(header) is None:
+        raise ProtocolError(f"'id' must be an int in [0, 2**63), got {header.get('id')!r}")
+    op = header.get("op")
+    if op not in OPS:
+        raise ProtocolError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+    where = f"{op} #{header['id']}"
+    expected = 1 if op == PUSH else 0
+    if n_pcm != expected:
+        raise (LimitExceeded if n_pcm > limits.max_frames else ProtocolError)(
+            f"{where}: {n_pcm} PCM frame(s), expected {expected}")
+    out = {"op": op, "id": header["id"]}
+    if op == OPEN:
+        model = _field(header, "model", (str,), where, required=False)
+        if model is not None and not (0 < len(model) <= 200):
+            raise BadRequest(f"{where}: model name must be 1 to 200 characters")
+        rate = _field(header, "sample_rate", (int,), where)
+        if not limits.min_sample_rate <= rate <= limits.max_sample_rate:
+            raise BadRequest(f"{where}: sample_rate {rate} Hz is outside "
+                             f"[{limits.min_sample_rate}, {limits.max_sample_rate}]")
+        channels = _field(header, "channels", (int,), where)
+        if not 1 <= channels <= limits.max_channels:
+            raise BadAudio(f"{where}: {channels} channels; unbake separates mono or stereo audio")
+        options = _field(header, "options", (dict,), where, required=False) or {}
+        out.update(model=model, sample_rate=rate, channels=channels, options=check_options(options, where))
+    elif op in SESSION_OPS:
+        session = _field(header, "session", (str,), where)
+        if not (0 < len(session) <= 64):
+            raise ProtocolError(f"{where}: 'session' must be 1 to 64 characters")
+        out["session"] = session
+        if op == PUSH:
+            channels = _field(header, "channels", (int,), where)
+            frames = _field(header, "frames", (int,), where)
+            if not 1 <= channels <= limits.max_channels:
+                raise BadAudio(f"{where}: {channels} channels; unbake separates mono or stereo audio")
+            if frames < 1:
+                raise BadAudio(f"{where}: {frames} frames; a push carries at least one")
+            if channels * frames > limits.max_chunk_samples:
+                raise LimitExceeded(f"{where}: {channels} x {frames} samples, the limit per push is "
+                                    f"{limits.max_chunk_samples}; push smaller chunks")
+            dtype = header.get("dtype", PCM_DTYPE)
+            if dtype != PCM_DTYPE:
+                raise ProtocolError(f"{where}: dtype {dtype!r}; only {PCM_DTYPE} (little-endian float32)")
+            out.update(channels=channels, frames=frames)
+    return out
+
+
+def check_options(options: dict, where: str) -> dict:
+    """Session options: known keys, right types, sane ranges. Raises BadRequest / ProtocolError."""
+    out = {}
+    for key, value in options.items():
+        if key not in OPTION_TYPES:
+            raise BadRequest(f"{where}: unknown option {key!r}; options: {', '.join(OPTION_TYPES)}")
+        if value is None:
+            continue
+        types = OPTION_TYPES[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise ProtocolError(f"{where}: option {key!r} must be {' or '.join(t.__name__ for t in types)}, "
+                                f"got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadRequest(f"{where}: option {key!r} must be finite")
+        out[key] = value
+    if "segment_s" in out and not 0 < out["segment_s"] <= 3600:
+        raise BadRequest(f"{where}: segment_s must be in (0, 3600] seconds")
+    if "overlap" in out and not 0 <= out["overlap"] < 1:
+        raise BadRequest(f"{where}: overlap must be in [0, 1)")
+    if "shifts" in out and not 0 <= out["shifts"] <= MAX_SHIFTS:
+        raise BadRequest(f"{where}: shifts must be in [0, {MAX_SHIFTS}]")
+    if "seed" in out and not 0 <= out["seed"] <= MAX_ID:
+        raise BadRequest(f"{where}: seed must be in [0, 2**63)")
+    if "transition_power" in out and not 1 <= out["transition_power"] <= 16:
+        raise BadRequest(f"{where}: transition_power must be in [1, 16]")
+    if "two_stems" in out and not 0 < len(out["two_stems"]) <= 64:
+        raise BadRequest(f"{where}: two_stems must name a stem")
+    return out
+
+
+def pcm_array(frame, channels: int, frames: int, where: str = "audio", first_frame: int = 0,
+              sample_rate: int | None = None) -> np.ndarray:
+    """A PCM frame -> read-only float32 [channels, frames] view (no copy).
+
+    Raises LimitExceeded when the byte count does not match the header, BadAudio for NaN/Inf.
+    """
+    size = len(frame)
+    if size != 4 * channels * frames:
+        raise LimitExceeded(f"{where}: PCM frame has {size} bytes, the header says {channels} x {frames} "
+                            f"float32 = {4 * channels * frames}")
+    block = np.frombuffer(frame, dtype=PCM_DTYPE).reshape(channels, frames)
+    if not np.isfinite(block).all():
+        bad = np.argwhere(~np.isfinite(block))[0][1]
+        at = first_frame + int(bad)
+        when = f" ({at / sample_rate:.3f} s)" if sample_rate else ""
+        raise BadAudio(f"{where}: NaN or Inf sample at frame {at}{when}")
+    return block.astype(np.float32, copy=False)
+
+
+def check_reply(header: dict) -> dict:
+    """Minimal checks a client makes on a reply header. Raises ProtocolError."""
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"reply in protocol version {header.get('v')!r}, expected {PROTOCOL_VERSION}")
+    if header.get("kind") not in TERMINAL | {K_PROGRESS, K_STEMS}:
+        raise ProtocolError(f"unknown reply kind {header.get('kind')!r}")
+    return header
+
+
+def reply_pcm(header: dict, frames: list) -> list[np.ndarray]:
+    """The PCM frames of a ``stems`` reply as float32 [channels, frames] arrays (copies, writable)."""
+    n, c = header.get("frames"), header.get("channels")
+    stems = header.get("stems")
+    if not (isinstance(n, int) and isinstance(c, int) and isinstance(stems, list)) or len(frames) != len(stems):
+        raise ProtocolError(f"stems reply: {len(frames)} PCM frame(s) for stems {stems!r}")
+    out = []
+    for f in frames:
+        if len(f) != 4 * n * c:
+            raise ProtocolError(f"stems reply: PCM frame of {len(f)} bytes, expected {4 * n * c}")
+        out.append(np.frombuffer(f, dtype=PCM_DTYPE).reshape(c, n).astype(np.float32))
+    return out
+
+
+def to_plain(value: Any) -> Any:
+    """numpy scalars -> Python numbers, so a header packs."""
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
