@@ -30,7 +30,7 @@ import torch
 
 from .models.base import Bag
 
-__all__ = ["apply_model", "Streamer", "OverlapAdd", "grid_for"]
+__all__ = ["apply_model", "Streamer", "OverlapAdd", "Job", "run_jobs", "grid_for"]
 
 MAX_SHIFT_S = 0.5  # demucs' random time shift range for test-time augmentation
 
@@ -64,6 +64,22 @@ def grid_for(model, segment_s: float | None = None, overlap: float | None = None
     return segment, stride
 
 
+class Segment:
+    """One segment of the grid waiting for (or back from) the network.
+
+    k: index on the grid; offset: first track frame it covers; n: frames it covers;
+    start: first track frame of its network window; window: float32 [channels, w] (w >= n).
+    """
+    __slots__ = ("k", "offset", "n", "start", "window")
+
+    def __init__(self, k: int, offset: int, n: int, start: int, window: torch.Tensor):
+        self.k, self.offset, self.n, self.start, self.window = k, offset, n, start, window
+
+    @property
+    def w(self) -> int:
+        return self.window.shape[-1]
+
+
 class OverlapAdd:
     """One separator on one grid, fed in pieces: ``push`` returns the frames that are final.
 
@@ -71,31 +87,44 @@ class OverlapAdd:
     prefix_frames: zeros put before the first sample (a time shift); they are trimmed from the output.
     batch_segments: how many segments go through the network in one forward pass.
     autocast: a context-manager factory for the forward pass (fp16 on CUDA), or None.
+    batch_key: segments of runners with equal keys (and equal window lengths) may share a forward
+    pass; None means this runner only.
 
     ``push(chunk)`` takes float32 [channels, n] and returns float32 [sources, channels, m];
     ``close()`` returns the rest, so that all outputs together have exactly the input's length.
+    The same in two phases, for a scheduler that batches segments of many tracks: ``take(chunk)``
+    (or ``take(final=True)``) returns the segments whose input is complete, ``forward`` runs
+    windows through the network, ``put`` hands each result back in grid order, ``ready()``
+    returns the frames that became final.
     """
 
     def __init__(self, model, segment_frames: int, stride_frames: int, *, transition_power: float = 1.0,
                  batch_segments: int = 1, prefix_frames: int = 0,
-                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None):
+                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 batch_key: tuple | None = None):
         self.model = model
         self.segment = segment_frames
         self.stride = stride_frames
         self.weight = triangle_weight(segment_frames, transition_power)
         self.batch_segments = max(1, int(batch_segments))
         self.autocast = autocast or contextlib.nullcontext
+        self.batch_key = batch_key if batch_key is not None else (id(self),)
         self.device = next(iter(model.parameters()), torch.empty(0)).device
         self.channels = model.audio_channels
         self.n_sources = len(model.sources)
+        window = model.valid_length(segment_frames)
         # How far before a segment its network window may reach (centred context).
-        self.context = max(0, model.valid_length(segment_frames) - segment_frames,
-                           model.valid_length(1) - 1)
+        self.context = max(0, window - segment_frames, model.valid_length(1) - 1)
+        # A segment's window ends this far after its first frame: frames [0, k * stride) are final
+        # once input frame k * stride - stride + reach - 1 has arrived, so output lags input by at
+        # most reach - 1 frames (the runner's latency).
+        self.reach = segment_frames + (window - segment_frames) - (window - segment_frames) // 2
         self.prefix_left = prefix_frames  # output frames still to drop
         self.inp = torch.zeros(self.channels, 0)  # input frames [inp_start, received)
         self.inp_start = 0
         self.received = 0
-        self.next_k = 0  # next segment index to run
+        self.next_k = 0  # next segment index to take
+        self.done_k = 0  # segments [0, done_k) are accumulated
         self.acc = torch.zeros(self.n_sources, self.channels, 0)  # accumulated output from out_start
         self.acc_w = torch.zeros(0)
         self.out_start = 0  # first frame not yet returned
@@ -103,9 +132,15 @@ class OverlapAdd:
         if prefix_frames:
             self._append(torch.zeros(self.channels, prefix_frames))
 
+    @property
+    def latency_frames(self) -> int:
+        """Output lags the input fed by at most this many frames (before close)."""
+        return self.reach - 1
+
     # -- input --------------------------------------------------------------------------------
     def _append(self, chunk: torch.Tensor) -> None:
-        self.inp = torch.cat([self.inp, chunk], dim=1) if self.inp.shape[1] else chunk
+        if chunk.shape[1]:
+            self.inp = torch.cat([self.inp, chunk], dim=1) if self.inp.shape[1] else chunk
         self.received += chunk.shape[1]
 
     def _window(self, start: int, length: int) -> torch.Tensor:
@@ -119,8 +154,15 @@ class OverlapAdd:
         return out
 
     # -- the grid -----------------------------------------------------------------------------
-    def _ready_segments(self, final: bool) -> list[tuple[int, int, int, int]]:
-        """(offset, n, window_start, window_len) of segments whose input is complete."""
+    def take(self, chunk: torch.Tensor | None = None, final: bool = False) -> list[Segment]:
+        """Feed ``chunk`` (float32 [channels, n]); return the segments now complete, with their
+        windows. ``final=True`` closes the track and returns every remaining segment."""
+        if self.closed:
+            raise RuntimeError("push after close")
+        if chunk is not None:
+            assert chunk.dim() == 2 and chunk.shape[0] == self.channels, chunk.shape  # [channels, n]
+            self._append(chunk.detach().to("cpu", torch.float32))
+        self.closed = final
         ready = []
         k = self.next_k
         while True:
@@ -135,29 +177,45 @@ class OverlapAdd:
             start = offset - (w - n) // 2
             if not final and start + w > self.received:
                 break
-            ready.append((offset, n, start, w))
+            ready.append(Segment(k, offset, n, start, self._window(start, w)))
             k += 1
+        self.next_k = k
+        # Input before the next segment's window is no longer needed.
+        keep_from = max(0, self.next_k * self.stride - self.context)
+        if keep_from > self.inp_start:
+            self.inp = self.inp[:, keep_from - self.inp_start:]
+            self.inp_start = keep_from
         return ready
 
-    def _run(self, segments: list[tuple[int, int, int, int]]) -> None:
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        """float32 [batch, channels, w] -> float32 [batch, sources, channels, w] on the CPU."""
+        b, _, w = windows.shape
+        assert windows.shape == (b, self.channels, w), windows.shape  # [batch, channels, window]
+        with torch.inference_mode(), self.autocast():
+            out = self.model(windows.to(self.device))
+        assert out.shape == (b, self.n_sources, self.channels, w), out.shape
+        return out.float().cpu()
+
+    def put(self, seg: Segment, out: torch.Tensor) -> None:
+        """The network's output for ``seg``: float32 [sources, channels, w]; segments in grid order."""
+        if seg.k != self.done_k:
+            raise RuntimeError(f"internal: segment {seg.k} came back before segment {self.done_k}")
+        trim = (seg.w - seg.n) // 2
+        self._accumulate(seg.offset, out[..., trim:trim + seg.n])
+        self.done_k += 1
+
+    def run(self, segments: list[Segment]) -> None:
+        """Run segments through the network here, ``batch_segments`` at a time."""
         i = 0
         while i < len(segments):
-            w = segments[i][3]
             group = [segments[i]]
             while (i + len(group) < len(segments) and len(group) < self.batch_segments
-                   and segments[i + len(group)][3] == w):
+                   and segments[i + len(group)].w == group[0].w):
                 group.append(segments[i + len(group)])
-            batch = torch.stack([self._window(s, w) for _, _, s, _ in group])
-            assert batch.shape == (len(group), self.channels, w)  # [batch, channels, window]
-            with torch.inference_mode(), self.autocast():
-                out = self.model(batch.to(self.device))
-            assert out.shape == (len(group), self.n_sources, self.channels, w), out.shape
-            out = out.float().cpu()
-            for (offset, n, _, _), seg_out in zip(group, out):
-                trim = (w - n) // 2
-                self._accumulate(offset, seg_out[..., trim:trim + n])
+            out = self.forward(torch.stack([s.window for s in group]))
+            for seg, seg_out in zip(group, out):
+                self.put(seg, seg_out)
             i += len(group)
-        self.next_k += len(segments)
 
     def _accumulate(self, offset: int, seg_out: torch.Tensor) -> None:
         n = seg_out.shape[-1]
@@ -171,17 +229,17 @@ class OverlapAdd:
         self.acc[..., a:b] += self.weight[:n] * seg_out
         self.acc_w[a:b] += self.weight[:n]
 
-    def _emit(self, upto: int) -> torch.Tensor:
-        """Return final frames [out_start, upto), dropping the shift prefix."""
+    def ready(self) -> torch.Tensor:
+        """The frames that became final since the last call, float32 [sources, channels, m],
+        with the shift prefix dropped."""
+        if self.closed and self.done_k == self.next_k:
+            upto = self.received
+        else:
+            upto = self.done_k * self.stride
         n = max(0, upto - self.out_start)
         out = self.acc[..., :n] / self.acc_w[:n]
         self.acc, self.acc_w = self.acc[..., n:], self.acc_w[n:]
         self.out_start += n
-        # Input before the next segment's window is no longer needed.
-        keep_from = max(0, self.next_k * self.stride - self.context)
-        if keep_from > self.inp_start:
-            self.inp = self.inp[:, keep_from - self.inp_start:]
-            self.inp_start = keep_from
         drop = min(self.prefix_left, out.shape[-1])
         self.prefix_left -= drop
         return out[..., drop:]
@@ -189,18 +247,31 @@ class OverlapAdd:
     # -- public -------------------------------------------------------------------------------
     def push(self, chunk: torch.Tensor) -> torch.Tensor:
         """chunk: float32 [channels, n] -> final output float32 [sources, channels, m]."""
-        if self.closed:
-            raise RuntimeError("push after close")
-        assert chunk.dim() == 2 and chunk.shape[0] == self.channels, chunk.shape
-        self._append(chunk.detach().to("cpu", torch.float32))
-        self._run(self._ready_segments(final=False))
-        return self._emit(self.next_k * self.stride)
+        self.run(self.take(chunk))
+        return self.ready()
 
     def close(self) -> torch.Tensor:
         """Run the remaining segments; returns the rest of the output [sources, channels, m]."""
-        self.closed = True
-        self._run(self._ready_segments(final=True))
-        return self._emit(self.received)
+        self.run(self.take(final=True))
+        return self.ready()
+
+
+class Job:
+    """A segment of one runner of a Streamer, as a scheduler sees it: ``key`` says which jobs
+    may share a forward pass (same network, same window length)."""
+    __slots__ = ("runner", "seg", "key")
+
+    def __init__(self, runner: OverlapAdd, seg: Segment):
+        self.runner, self.seg = runner, seg
+        self.key = runner.batch_key + (seg.w,)
+
+
+def run_jobs(jobs: list[Job]) -> None:
+    """One forward pass for jobs that share a key; results go back to their runners."""
+    assert jobs and all(j.key == jobs[0].key for j in jobs)
+    out = jobs[0].runner.forward(torch.stack([j.seg.window for j in jobs]))
+    for job, job_out in zip(jobs, out):
+        job.runner.put(job.seg, job_out)
 
 
 def _autocast_factory(model, dtype: torch.dtype | None):
@@ -240,6 +311,7 @@ class Streamer:
         self.parts: list[tuple[OverlapAdd, torch.Tensor]] = []  # (runner, per-source scale)
         totals = torch.tensor(weights, dtype=torch.float32).sum(0)
         for member, w in zip(members, weights):
+            original = member
             member_segment = None if segment_s is None else min(segment_s, _max_segment_s(member))
             if member_segment is not None and hasattr(member, "set_segment"):
                 # demucs models also change the window fed to the network with the segment; a
@@ -247,6 +319,8 @@ class Streamer:
                 member = copy.copy(member)
                 member.set_segment(member_segment)
             seg, stride = grid_for(member, member_segment, overlap)
+            # Sessions that use the same network on the same grid may share forward passes.
+            key = (id(original), seg, str(dtype))
             prefixes = [0] if shifts == 0 else [
                 int(MAX_SHIFT_S * member.sample_rate) - rng.randint(0, int(MAX_SHIFT_S * member.sample_rate))
                 for _ in range(shifts)]
@@ -254,7 +328,7 @@ class Streamer:
             for prefix in prefixes:
                 runner = OverlapAdd(member, seg, stride, transition_power=transition_power,
                                     batch_segments=batch_segments, prefix_frames=prefix,
-                                    autocast=_autocast_factory(member, dtype))
+                                    autocast=_autocast_factory(member, dtype), batch_key=key)
                 self.parts.append((runner, scale))
         # Output of each part not yet combined (parts finalize at different points).
         self.pending = [torch.zeros(len(self.sources), self.audio_channels, 0) for _ in self.parts]
@@ -270,13 +344,35 @@ class Streamer:
             self.pending[i] = self.pending[i][..., n:]
         return total
 
+    @property
+    def latency_frames(self) -> int:
+        """Output lags the input pushed by at most this many frames (at the model's rate)."""
+        return max(runner.latency_frames for runner, _ in self.parts)
+
+    def feed(self, chunk: torch.Tensor) -> list[Job]:
+        """chunk: float32 [channels, n]. Returns the jobs (segments) now ready for the network;
+        run them in order (``run_jobs``), then ``collect()`` the final output."""
+        return [Job(runner, seg) for runner, _ in self.parts for seg in runner.take(chunk)]
+
+    def feed_close(self) -> list[Job]:
+        """End of the track: every remaining job."""
+        return [Job(runner, seg) for runner, _ in self.parts for seg in runner.take(final=True)]
+
+    def collect(self) -> torch.Tensor:
+        """The output that became final, float32 [sources, channels, m]."""
+        return self._combine(runner.ready() for runner, _ in self.parts)
+
     def push(self, chunk: torch.Tensor) -> torch.Tensor:
         """chunk: float32 [channels, n] -> final output float32 [sources, channels, m]."""
-        return self._combine(runner.push(chunk) for runner, _ in self.parts)
+        for runner, _ in self.parts:
+            runner.run(runner.take(chunk))
+        return self.collect()
 
     def close(self) -> torch.Tensor:
         """The remaining output [sources, channels, m]."""
-        return self._combine(runner.close() for runner, _ in self.parts)
+        for runner, _ in self.parts:
+            runner.run(runner.take(final=True))
+        return self.collect()
 
 
 def _max_segment_s(model) -> float:

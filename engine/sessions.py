@@ -6,11 +6,13 @@ output is the offline output by construction.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from . import audio
-from .apply import Streamer
+from .apply import Job, Streamer
 from .errors import BadRequest
 
 
@@ -77,22 +79,60 @@ class TrackSeparator:
         self.frames_out += n
         return {name: np.ascontiguousarray(out[i], dtype=np.float32) for i, name in enumerate(self.stems)}
 
-    def push(self, block: np.ndarray) -> dict[str, np.ndarray]:
+    @property
+    def latency_samples(self) -> int:
+        """Stem output lags the input pushed by at most this many frames (at the track's rate):
+        once N frames are pushed, at least N - latency_samples frames of every stem are out."""
+        lag = self.streamer.latency_frames
+        if self.to_model.identity:
+            return lag
+        up, down = self.to_model, self.from_model
+        # to the model: output block b needs input up to b * old + width; back: the same with the
+        # ratio inverted. Worst case at each stage, in track frames, rounded up.
+        frames = up.width + up.old - 1 + (lag + down.width + up.new - 1) * up.old / up.new
+        return int(math.ceil(frames))
+
+    def feed(self, block: np.ndarray) -> list[Job]:
+        """Take float32 [channels, n]; return the network jobs it completes (see engine.apply)."""
         block = audio.validate(block, self.where, self.frames_in, self.sample_rate)
         if block.shape[0] != self.channels:
             raise BadRequest(f"{self.where}: block has {block.shape[0]} channels, the track {self.channels}")
         self.frames_in += block.shape[1]
         x = self.to_model.process(audio.to_channels(block, self.model.audio_channels))
-        return self._emit(self._stems_from(self.streamer.push(torch.from_numpy(x))), final=False)
+        return self.streamer.feed(torch.from_numpy(np.ascontiguousarray(x)))
+
+    def feed_close(self) -> list[Job]:
+        """End of the track: the remaining jobs."""
+        rest = self.to_model.flush()
+        jobs = self.streamer.feed(torch.from_numpy(np.ascontiguousarray(rest))) if rest.shape[-1] else []
+        return jobs + self.streamer.feed_close()
+
+    def collect(self, final: bool = False) -> dict[str, np.ndarray]:
+        """Stem frames that became final: {stem: float32 [channels, m]}. ``final=True`` once every
+        job of ``feed_close`` has run: the rest, so that all outputs have the input's length."""
+        stems = self._stems_from(self.streamer.collect())
+        if final and not self.from_model.identity:
+            stems = np.concatenate([stems, self._track_stems(self.from_model.flush())], axis=-1)
+        return self._emit(stems, final=final)
+
+    def push(self, block: np.ndarray) -> dict[str, np.ndarray]:
+        """float32 [channels, n] -> {stem: float32 [channels, m]}, run here."""
+        self._run(self.feed(block))
+        return self.collect()
 
     def close(self) -> dict[str, np.ndarray]:
-        rest = self.to_model.flush()
-        outs = [self.streamer.push(torch.from_numpy(np.ascontiguousarray(rest)))] if rest.shape[-1] else []
-        outs.append(self.streamer.close())
-        stems = [self._stems_from(o) for o in outs]
-        if not self.from_model.identity:
-            stems.append(self._track_stems(self.from_model.flush()))
-        return self._emit(np.concatenate(stems, axis=-1), final=True)
+        """The rest of every stem."""
+        self._run(self.feed_close())
+        return self.collect(final=True)
+
+    @staticmethod
+    def _run(jobs: list[Job]) -> None:
+        # Jobs of one runner in order, batch_segments at a time (as OverlapAdd.run).
+        by_runner: dict[int, list] = {}
+        for job in jobs:
+            by_runner.setdefault(id(job.runner), [job.runner, []])[1].append(job.seg)
+        for runner, segs in by_runner.values():
+            runner.run(segs)
 
 
 def separate_array(model, mix: np.ndarray, sample_rate: int, **options) -> dict[str, np.ndarray]:

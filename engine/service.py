@@ -1,0 +1,96 @@
+"""What the daemon asks of the torch side: device, the warm model cache, the scheduler, opening
+sessions. The daemon (socket, validation, replies) imports this lazily and never torch itself.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from . import devices, protocol as P, weights
+from .cache import GB, ModelCache
+from .errors import BadRequest
+from .scheduler import Scheduler
+from .sessions import TrackSeparator
+
+WARMUP_S = 1.0
+
+
+def warmup(model) -> None:
+    """One dummy forward on the model's own device (first-call allocations, kernel selection)."""
+    members = list(getattr(model, "members", [])) or [model]
+    for m in members:
+        w = m.valid_length(min(m.segment_frames, int(WARMUP_S * m.sample_rate)))
+        device = next(iter(m.parameters()), torch.empty(0)).device
+        with torch.inference_mode():
+            m(torch.zeros(1, m.audio_channels, w, device=device))
+
+
+def default_memory_budget_bytes(device: torch.device) -> int:
+    """Half the machine's RAM (CPU), or 80% of the GPU's memory."""
+    if device.type == "cuda":
+        return int(0.8 * torch.cuda.get_device_properties(device).total_memory)
+    return int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+class Service:
+    """device: a name for engine.devices.pick_device (None: best available). fp16: CUDA autocast.
+    emit: the daemon's thread-safe reply function (identity, header, pcm)."""
+
+    def __init__(self, emit: Callable, *, device: str | None = None, fp16: bool = False, repo=None,
+                 threads: int | None = None, max_batch: int | None = None, max_queue_delay_s: float = 0.002,
+                 memory_budget_gb: float | None = None, limits: P.Limits = P.Limits()):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = devices.pick_device(device)
+        self.dtype = devices.pick_dtype(self.device, fp16)
+        self.repo = repo
+        budget = (default_memory_budget_bytes(self.device) if memory_budget_gb is None
+                  else int(memory_budget_gb * GB))
+        self.cache = ModelCache(repo, self.device, budget, warmup=warmup)
+        if max_batch is None:
+            max_batch = 1 if self.device.type == "cpu" else 8  # batching is slower on CPU (bench_htdemucs)
+        self.scheduler = Scheduler(emit, max_batch=max_batch, max_queue_delay_s=max_queue_delay_s,
+                                   max_pending=limits.max_pending_per_session)
+
+    def preload(self, name: str) -> str:
+        """Load and warm a model so the first session finds it ready. Returns its name."""
+        name, _ = self.cache.acquire(name)
+        self.cache.release(name)
+        return name
+
+    def open(self, sid: str, model: str | None, sample_rate: int, channels: int, options: dict) -> dict:
+        """Load (or share) the model, start the session's track, register it with the scheduler.
+        Returns the ``ready`` reply's fields. Raises ModelError, BadRequest, QueueFull."""
+        name, net = self.cache.acquire(model)
+        try:
+            opts = dict(options)
+            two_stems = opts.pop("two_stems", None)
+            try:
+                track = TrackSeparator(net, sample_rate, channels, two_stems=two_stems,
+                                       where=f"session {sid}", dtype=self.dtype, **opts)
+            except ValueError as e:
+                raise BadRequest(f"session {sid}: {e}") from None
+            self.scheduler.add(sid, track, name, on_removed=lambda: self.cache.release(name))
+        except BaseException:
+            self.cache.release(name)
+            raise
+        return {"session": sid, "model": name, "stems": track.stems, "sample_rate": sample_rate,
+                "channels": channels, "model_sample_rate": net.sample_rate,
+                "latency_samples": track.latency_samples, "options": options}
+
+    def models(self) -> list[dict]:
+        loaded = set(self.cache.loaded())
+        return [{"name": name, "sources": list(spec.sources), "installed": weights.is_installed(spec, self.repo),
+                 "loaded": name in loaded, "description": spec.description}
+                for name, spec in weights.catalog().items()]
+
+    def status(self) -> dict:
+        return {"device": str(self.device), "models": self.cache.info(),
+                "memory_budget_gb": None if self.cache.budget is None else round(self.cache.budget / GB, 2),
+                "queue_depth": self.scheduler.queue_depth, "max_batch": self.scheduler.max_batch,
+                "batches": self.scheduler.batches, "segments": self.scheduler.segments}
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self.scheduler.stop(timeout_s)
