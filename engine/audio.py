@@ -26,7 +26,7 @@ def validate(block: np.ndarray, where: str, first_frame: int = 0, sample_rate: i
     block = np.ascontiguousarray(block, dtype=np.float32)
     finite = np.isfinite(block)
     if not finite.all():
-        frame = first_frame + int(np.argwhere(~finite)[0][1])
+        frame = first_frame + int(np.argwhere(~finite)[:, 1].min())  # earliest, any channel
         when = f" ({frame / sample_rate:.3f} s)" if sample_rate else ""
         raise BadAudio(f"{where}: NaN or Inf sample at frame {frame}{when}")
     return block

@@ -143,6 +143,8 @@ def pcm_frame(block: np.ndarray) -> memoryview:
     where the array already is so."""
     assert block.ndim == 2, block.shape  # [channels, frames]
     block = np.ascontiguousarray(block, dtype=PCM_DTYPE)
+    if block.size == 0:
+        return memoryview(b"")
     return memoryview(block).cast("B")
 
 
@@ -204,7 +206,7 @@ def check_request(header: dict, n_pcm: int, limits: Limits) -> dict:
     BadRequest (values out of range). Touches no PCM: sizes are checked here, before any allocation.
     """
     v = header.get("v")
-    if v != PROTOCOL_VERSION:
+    if type(v) is not int or v != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {v!r} is not supported (this daemon speaks {PROTOCOL_VERSION})")
     if request_id(header) is None:
         raise ProtocolError(f"'id' must be an int in [0, 2**63), got {header.get('id')!r}")
@@ -294,7 +296,7 @@ def pcm_array(frame, channels: int, frames: int, where: str = "audio", first_fra
                             f"float32 = {4 * channels * frames}")
     block = np.frombuffer(frame, dtype=PCM_DTYPE).reshape(channels, frames)
     if not np.isfinite(block).all():
-        bad = np.argwhere(~np.isfinite(block))[0][1]
+        bad = np.argwhere(~np.isfinite(block))[:, 1].min()  # the earliest frame, any channel
         at = first_frame + int(bad)
         when = f" ({at / sample_rate:.3f} s)" if sample_rate else ""
         raise BadAudio(f"{where}: NaN or Inf sample at frame {at}{when}")

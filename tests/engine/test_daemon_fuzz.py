@@ -1,0 +1,158 @@
+"""Bad input on the wire: thousands of random and malformed messages, each answered with an error
+(or dropped where the peer cannot be answered); the daemon's memory stays bounded and a valid
+request right after still succeeds."""
+import math
+import os
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from engine import protocol as P
+from tests.engine.engine_proc import EngineProcess, Peer, proc_rss_mb
+
+pytestmark = pytest.mark.slow
+
+ERROR_CODES = {"E_PROTOCOL", "E_LIMIT", "E_BAD_REQUEST", "E_BAD_AUDIO", "E_UNKNOWN_SESSION", "E_UNKNOWN_MODEL",
+               "E_QUEUE_FULL", "E_WEIGHTS_MISSING", "E_MODEL"}
+
+
+@pytest.fixture(scope="module")
+def engine(spleeter_repo, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fuzz")
+    with EngineProcess(f"ipc://{tmp}/e.sock", "--preload", "spleeter-2stems", "--session-ttl-s", "3",
+                       env={"UNBAKE_REPO": str(spleeter_repo)}, log=tmp / "daemon.log") as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def peer(engine):
+    with Peer(engine.endpoint) as p:
+        yield p
+
+
+def _open(peer) -> str:
+    ready = peer.call(P.OPEN, sample_rate=44100, channels=2, model="spleeter-2stems", options={"segment_s": 1.0})
+    assert ready["kind"] == "ready", ready
+    return ready["session"]
+
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 63, 2 ** 64 - 1),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20), st.binary(max_size=20))
+values = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=4),
+                                                    st.dictionaries(st.text(max_size=8), c, max_size=4)),
+                      max_leaves=8)
+ops = st.one_of(st.sampled_from(P.OPS), st.text(max_size=10), values)
+sizes = st.one_of(st.integers(-3, 5000), st.sampled_from([0, 1, 2, 44100, 2 ** 31, 2 ** 40, 2 ** 63 - 1]), values)
+
+
+@st.composite
+def messages(draw, session: str):
+    """(frames, id the daemon can read or None) of one malformed (or, rarely, valid) request."""
+    kind = draw(st.sampled_from(["bytes", "object", "header", "push", "open"]))
+    rid = draw(st.one_of(st.integers(0, 2 ** 40), values))
+    if kind == "bytes":
+        return [draw(st.binary(max_size=200)) for _ in range(draw(st.integers(1, 3)))]
+    if kind == "object":
+        return [msgpack.packb(draw(values), use_bin_type=True)]
+    header = {"v": draw(st.one_of(st.just(1), values)), "op": draw(ops), "id": rid}
+    if kind == "header":
+        header.update(draw(st.dictionaries(st.sampled_from(
+            ["session", "channels", "frames", "sample_rate", "model", "options", "dtype"]), values, max_size=4)))
+        return [msgpack.packb(header, use_bin_type=True)] + [draw(st.binary(max_size=64))
+                                                              for _ in range(draw(st.integers(0, 2)))]
+    if kind == "open":
+        header.update(op="open", sample_rate=draw(sizes), channels=draw(sizes),
+                      model=draw(st.one_of(st.sampled_from(["no-such-model", "spleeter-2stems", "../../etc"]),
+                                           values)),
+                      options=draw(st.one_of(st.dictionaries(st.sampled_from(
+                          ["segment_s", "overlap", "shifts", "two_stems", "bogus"]), values, max_size=3), values)))
+        return [msgpack.packb(header, use_bin_type=True)]
+    # push: to the real session or a made-up one, with wrong sizes, NaN/Inf, truncated frames
+    channels, frames = draw(st.sampled_from([(2, 64), (1, 64), (0, 64), (2, 0), (2, 2 ** 40), (3, 10)]))
+    header.update(op="push", session=draw(st.sampled_from([session, "nope", ""])), channels=channels,
+                  frames=frames)
+    payload = np.zeros((2, 64), np.float32)
+    poison = draw(st.sampled_from([None, math.nan, math.inf, -math.inf]))
+    if poison is not None:
+        payload[draw(st.integers(0, 1)), draw(st.integers(0, 63))] = poison
+    raw = payload.tobytes()[:draw(st.sampled_from([512, 511, 100, 0]))]
+    pcm = [raw] * draw(st.integers(0, 3))
+    return [msgpack.packb(header, use_bin_type=True), *pcm]
+
+
+def test_malformed_messages_get_error_replies_and_memory_stays_bounded(engine, peer):
+    session = _open(peer)
+    # warm: a valid push through the real session first, so the baseline holds the working set
+    ok = peer.replies(peer.request(P.PUSH, [np.zeros((2, 44100), np.float32)], session=session, channels=2,
+                                   frames=44100))
+    assert ok[-1][0]["kind"] == "done"
+    rss0 = proc_rss_mb(engine.proc.pid)
+    seen = {"errors": 0, "other": 0}
+    codes = set()
+
+    @settings(max_examples=2000, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                     HealthCheck.data_too_large])
+    @given(st.data())
+    def one(data):
+        frames = data.draw(messages(session))
+        peer.send(frames)
+        while True:  # exactly one terminal reply per message (progress keep-alives may come first)
+            header, _ = peer.recv(timeout_s=15)
+            if header["kind"] in P.TERMINAL:
+                break
+        if header["kind"] == "error":
+            seen["errors"] += 1
+            codes.add(header["code"])
+            assert header["code"] in ERROR_CODES, header
+            assert header["message"] and "\n" not in header["message"]
+        else:
+            seen["other"] += 1
+
+    one()
+    assert seen["errors"] + seen["other"] >= 2000
+    assert seen["errors"] >= 1800, seen
+    assert {"E_PROTOCOL", "E_LIMIT", "E_BAD_AUDIO", "E_UNKNOWN_SESSION"} <= codes, codes
+    assert engine.proc.poll() is None, "the daemon died"
+    rss1 = proc_rss_mb(engine.proc.pid)
+    assert rss1 - rss0 < 150, (rss0, rss1)
+
+    # a valid request right after still succeeds, with exact output length
+    session2 = _open(peer)
+    x = np.random.default_rng(0).standard_normal((2, 30000)).astype(np.float32) * 0.1
+    got = peer.replies(peer.request(P.PUSH, [x], session=session2, channels=2, frames=30000))
+    got += peer.replies(peer.request(P.CLOSE, session=session2))
+    frames = sum(h["frames"] for h, _ in got if h["kind"] == "stems")
+    assert frames == 30000 and got[-1][0]["kind"] == "done" and got[-1][0]["final"]
+
+
+def test_oversized_frame_drops_that_peer_and_others_are_served(engine):
+    limit = P.Limits().max_message_bytes
+    with Peer(engine.endpoint) as bad:
+        bad.send([P.pack({"v": 1, "op": "hello", "id": 1}), b"\0" * (limit + 8)])
+        with pytest.raises(TimeoutError):  # ZMQ_MAXMSGSIZE: the connection is dropped unread
+            bad.recv(timeout_s=2)
+    with Peer(engine.endpoint) as good:
+        assert good.call(P.HELLO, timeout_s=10)["kind"] == "hello"
+
+
+def test_error_replies_name_the_request(engine, peer):
+    err = peer.call(P.PUSH, [np.zeros((2, 10), np.float32)], session="nope", channels=2, frames=10)
+    assert err["code"] == "E_UNKNOWN_SESSION" and "nope" in err["message"]
+    session = _open(peer)
+    bad = np.zeros((2, 100), np.float32)
+    bad[1, 57] = np.nan
+    err = peer.call(P.PUSH, [bad], session=session, channels=2, frames=100)
+    assert err["code"] == "E_BAD_AUDIO" and "frame 57" in err["message"]
+    err = peer.call(P.PUSH, [np.zeros((2, 10), np.float32)], session=session, channels=2, frames=2 ** 30)
+    assert err["code"] == "E_LIMIT"
+    err = peer.call(P.OPEN, sample_rate=44100, channels=2, model="no-such-model")
+    assert err["code"] == "E_UNKNOWN_MODEL" and "no-such-model" in err["message"]
+    err = peer.call(P.OPEN, sample_rate=44100, channels=2, model="spleeter-2stems", options={"segment_s": -1.0})
+    assert err["code"] == "E_BAD_REQUEST" and "segment_s" in err["message"]
+    # the session is still usable after its bad pushes
+    ok = peer.replies(peer.request(P.PUSH, [np.zeros((2, 100), np.float32)], session=session, channels=2,
+                                   frames=100))
+    assert ok[-1][0]["kind"] == "done" and ok[-1][0]["frames_in"] == 100
