@@ -212,7 +212,9 @@ class Scheduler:
                 if len(picked) < self.max_batch and self.max_queue_delay_s > 0 and not self.stopping:
                     oldest = min(s.jobs[i][2] for s, i in picked)
                     wait = oldest + self.max_queue_delay_s - time.monotonic()
-                    if wait > 0 and not any(s.inbox for s in self.sessions.values()):
+                    if wait > 0:
+                        if any(s.inbox for s in self.sessions.values()):
+                            return []  # feed the new requests first: their segments may join
                         self.cond.wait(wait)
                         continue
                 batch = []
