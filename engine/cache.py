@@ -112,6 +112,8 @@ class ModelCache:
             used -= victim.bytes
             del self.entries[victim.name]
             self.evictions += 1
+            if torch.device(self.device).type == "cuda":
+                torch.cuda.empty_cache()
         if used + size > self.budget:
             self.entries.pop(loading, None)
             raise QueueFull(f"{loading}: needs {size / GB:.2f} GB; {used / GB:.2f} GB of the "
