@@ -1,0 +1,126 @@
+"""Benchmark: 4 tools separating 4 songs at the same time, sharing one daemon vs each in its own process.
+
+Run with ``python tests/bench/bench_sharing.py`` (not collected by pytest). Each tool is a process
+that reads a song (soundfile), separates it with spleeter-2stems and writes the stems (soundfile):
+
+- shared:      4 client processes (``plugin_bridge.client``, no torch) through one daemon
+- independent: 4 processes that each load the model in process (``engine.registry.load_model``)
+
+Memory is the sum of the peak RSS of every process involved (the daemon's own peak included);
+time is the wall time from starting the 4 tools until the last one has written its stems. The
+shared case is measured with a daemon that is already warm (the product's normal state) and also
+counting a cold daemon start (the embedded daemon started by the first tool).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+EVAL = ROOT.parent / "shared/eval-audio/real-dev-v1"
+MODEL = "spleeter-2stems"
+
+
+def child(mode: str, song: str, out: str, endpoint: str | None) -> None:
+    """One tool: read, separate, write; prints {"peak_rss_mb", "seconds"} as JSON."""
+    import numpy as np
+    import soundfile as sf
+    t0 = time.perf_counter()
+    data, sr = sf.read(song, dtype="float32", always_2d=True)
+    mix = np.ascontiguousarray(data.T)
+    if mode == "client":
+        from plugin_bridge.client import Client
+        with Client(endpoint, timeout_s=120) as client:
+            stems = client.separate(mix, sr, MODEL)
+    else:
+        from engine.registry import load_model
+        from engine.sessions import separate_array
+        stems = separate_array(load_model(MODEL), mix, sr)
+    os.makedirs(out, exist_ok=True)
+    for name, audio in stems.items():
+        sf.write(os.path.join(out, f"{name}.wav"), audio.T, sr, subtype="FLOAT")
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "seconds": time.perf_counter() - t0, "torch": "torch" in sys.modules}))
+
+
+def run_tools(mode: str, songs: list[Path], tmp: Path, endpoint: str | None, env: dict) -> tuple[float, list[dict]]:
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, __file__, "--child", mode, str(song), str(tmp / f"{mode}{i}"),
+                               endpoint or ""], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env, cwd=ROOT)
+             for i, song in enumerate(songs)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        if p.returncode:
+            raise RuntimeError(f"{mode} tool failed: {err[-2000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return time.perf_counter() - t0, results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", nargs=4, metavar=("MODE", "SONG", "OUT", "ENDPOINT"))
+    args = parser.parse_args()
+    if args.child:
+        mode, song, out, endpoint = args.child
+        child(mode, song, out, endpoint or None)
+        return
+
+    from engine import weights
+    from tests.engine.engine_proc import EngineProcess, proc_rss_mb  # noqa: F401
+    weights.fetch(MODEL)
+    songs = sorted(EVAL.glob("*/mixture.wav"))
+    songs = songs + [EVAL / "cristina-vane-so-easy" / "mixture.wav"]  # the 3 dev songs + the 30 s one again
+    tmp = Path(tempfile.mkdtemp(prefix="unbake-share-"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    wall_ind, ind = run_tools("inprocess", songs, tmp, None, env)
+
+    endpoint = f"ipc://{tmp}/warm.sock"
+    engine = EngineProcess(endpoint, "--preload", MODEL, log=tmp / "warm.log").start(timeout_s=120)
+    try:
+        wall_warm, warm = run_tools("client", songs, tmp, endpoint, env)
+        daemon_peak_warm = engine.status()["peak_rss_mb"]
+    finally:
+        engine.stop()
+
+    cold_endpoint = f"ipc://{tmp}/cold.sock"
+    t0 = time.perf_counter()
+    cold_engine = EngineProcess(cold_endpoint, log=tmp / "cold.log").start(timeout_s=120)
+    try:
+        start_s = time.perf_counter() - t0
+        wall_cold, cold = run_tools("client", songs, tmp, cold_endpoint, env)
+        daemon_peak_cold = cold_engine.status()["peak_rss_mb"]
+    finally:
+        cold_engine.stop()
+
+    rss_ind = sum(r["peak_rss_mb"] for r in ind)
+    rss_warm = daemon_peak_warm + sum(r["peak_rss_mb"] for r in warm)
+    rss_cold = daemon_peak_cold + sum(r["peak_rss_mb"] for r in cold)
+    print(f"4 tools, {MODEL}, songs: {', '.join(s.parent.name for s in songs)}; {os.cpu_count()} CPUs")
+    print(f"  independent: wall {wall_ind:.2f} s, peak RSS {' + '.join(f'{r['peak_rss_mb']:.0f}' for r in ind)}"
+          f" = {rss_ind:.0f} MB")
+    for label, wall, daemon, clients in [("shared, warm daemon", wall_warm, daemon_peak_warm, warm),
+                                         ("shared, cold daemon", wall_cold + start_s, daemon_peak_cold, cold)]:
+        rss = daemon + sum(r["peak_rss_mb"] for r in clients)
+        print(f"  {label}: wall {wall:.2f} s, peak RSS daemon {daemon:.0f} + clients "
+              f"{' + '.join(f'{r['peak_rss_mb']:.0f}' for r in clients)} = {rss:.0f} MB "
+              f"(clients import torch: {any(r['torch'] for r in clients)})")
+    print(f"  ratio RSS shared / independent: warm {rss_warm / rss_ind:.3f}, cold {rss_cold / rss_ind:.3f}")
+    print(f"  ratio wall shared / independent: warm {wall_warm / wall_ind:.3f}, "
+          f"cold (daemon start {start_s:.2f} s included) {(wall_cold + start_s) / wall_ind:.3f}")
+
+
+if __name__ == "__main__":
+    main()
