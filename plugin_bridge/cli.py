@@ -1,12 +1,16 @@
-"""``unbake`` command line. Subcommands: separate, eval, fetch, models.
+"""``unbake`` command line. Subcommands: separate, serve, status, eval, fetch, models.
 
-This module imports no torch at import time: the engine is imported inside the commands that
-need it. Every failure is one line on stderr naming the file and the problem; the other inputs
-are still processed; the exit status is non-zero if anything failed.
+``separate`` goes through the engine daemon (started on demand) unless ``--in-process``; ``serve``
+runs the daemon; ``status`` asks a running one. This module imports no torch at import time, and the
+daemon path (``separate``, ``status``) imports none at all: the engine's torch side is imported only
+inside the commands that run models in this process (``separate --in-process``, ``eval``).
+Every failure is one line on stderr naming the file and the problem; the other inputs are still
+processed; the exit status is non-zero if anything failed.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,8 +40,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-d", "--device", default=None, help="cpu, cuda, cuda:N, mps (default: cuda if available)")
     p.add_argument("--fp16", action="store_true", help="half precision on CUDA")
     p.add_argument("-j", "--jobs", type=int, default=None, help="CPU threads for the network")
-    p.add_argument("--batch-segments", type=int, default=1, metavar="N",
-                   help="segments per forward pass (GPU: more is faster)")
+    p.add_argument("--batch-segments", type=int, default=None, metavar="N",
+                   help="segments per forward pass (GPU: more is faster; default 1 in process, the "
+                        "engine's --max-batch through the daemon)")
 
 
 def _load(args):
@@ -51,32 +56,27 @@ def _load(args):
     dtype = devices.pick_dtype(device, args.fp16)
     model = registry.load_model(name, repo=args.repo, device=device)
     options = dict(segment_s=args.segment, overlap=args.overlap, shifts=args.shifts,
-                   batch_segments=args.batch_segments, dtype=dtype)
+                   batch_segments=args.batch_segments or 1, dtype=dtype)
     return name, model, options, device
 
 
-def cmd_separate(args) -> int:
+def _output_format(args):
+    from engine.stemfiles import OutputFormat
+    return OutputFormat(ext="flac" if args.flac else "mp3" if args.mp3 else "wav",
+                        bit_depth=32 if args.float32 else 24 if args.int24 else 16,
+                        mp3_bitrate_kbps=args.mp3_bitrate)
+
+
+def _separate_files(args, run_one) -> int:
+    """The loop over the input files, shared by both paths: progress bar, one line per failure,
+    clip warnings, summary. ``run_one(path, progress)`` returns a TrackReport or raises UnbakeError."""
     from engine.errors import UnbakeError
-    from engine.separate import OutputFormat, separate_file, stem_paths
-    from engine.sessions import output_stems
-    try:
-        fmt = OutputFormat(ext="flac" if args.flac else "mp3" if args.mp3 else "wav",
-                           bit_depth=32 if args.float32 else 24 if args.int24 else 16,
-                           mp3_bitrate_kbps=args.mp3_bitrate)
-        name, model, options, device = _load(args)
-        stems = output_stems(list(model.sources), args.two_stems)
-    except UnbakeError as e:
-        _err(str(e))
-        return EXIT_FAILED
-    if not args.quiet:
-        print(f"model {name} on {device} -> {Path(args.out) / name}", file=sys.stderr)
     show_bar = not args.quiet and sys.stderr.isatty()
     failed = 0
     for file in args.files:
         path = Path(file)
         bar = None
         try:
-            dests = stem_paths(Path(args.out), name, path, stems, fmt, args.filename)
             if show_bar:
                 from tqdm import tqdm
                 bar = tqdm(total=1.0, desc=path.name, unit="track", bar_format="{desc}: {percentage:3.0f}%|"
@@ -87,8 +87,7 @@ def cmd_separate(args) -> int:
             else:
                 progress = None
             t0 = time.perf_counter()
-            report = separate_file(model, path, dests, fmt, two_stems=args.two_stems, progress=progress,
-                                   **options)
+            report = run_one(path, progress)
         except UnbakeError as e:
             failed += 1
             msg = str(e)
@@ -109,6 +108,179 @@ def cmd_separate(args) -> int:
     if failed:
         _err(f"{failed} of {len(args.files)} file(s) failed")
     return EXIT_FAILED if failed else 0
+
+
+def cmd_separate(args) -> int:
+    return _separate_in_process(args) if args.in_process else _separate_via_daemon(args)
+
+
+def _separate_in_process(args) -> int:
+    from engine.errors import UnbakeError
+    from engine.separate import separate_file, stem_paths
+    from engine.sessions import output_stems
+    try:
+        fmt = _output_format(args)
+        name, model, options, device = _load(args)
+        stems = output_stems(list(model.sources), args.two_stems)
+    except UnbakeError as e:
+        _err(str(e))
+        return EXIT_FAILED
+    if not args.quiet:
+        print(f"model {name} on {device} -> {Path(args.out) / name}", file=sys.stderr)
+
+    def run_one(path, progress):
+        dests = stem_paths(Path(args.out), name, path, stems, fmt, args.filename)
+        return separate_file(model, path, dests, fmt, two_stems=args.two_stems, progress=progress, **options)
+
+    return _separate_files(args, run_one)
+
+
+def _daemon_args(args) -> list[str]:
+    """The engine settings of ``separate`` for a daemon the client has to start."""
+    out = []
+    if args.device:
+        out += ["-d", args.device]
+    if args.fp16:
+        out.append("--fp16")
+    if args.jobs:
+        out += ["-j", str(args.jobs)]
+    if args.batch_segments:
+        out += ["--max-batch", str(args.batch_segments)]
+    if args.repo:
+        out += ["--repo", str(args.repo)]
+    return out
+
+
+def _endpoint(args) -> str:
+    from engine.protocol import default_endpoint
+    return args.endpoint or default_endpoint()
+
+
+def _separate_via_daemon(args) -> int:
+    from engine.errors import EngineUnavailable, UnbakeError
+    from engine.stemfiles import stem_paths
+    from plugin_bridge.client import Client
+    from plugin_bridge.files import separate_file_via
+    options = dict(segment_s=args.segment, overlap=args.overlap, shifts=args.shifts, two_stems=args.two_stems)
+    options = {k: v for k, v in options.items() if v is not None}
+    try:
+        fmt = _output_format(args)
+        endpoint = _endpoint(args)
+    except OSError as e:
+        _err(f"no endpoint for the unbake engine ({e})")
+        return EXIT_FAILED
+    except UnbakeError as e:
+        _err(str(e))
+        return EXIT_FAILED
+
+    def connect():
+        return Client(endpoint, autostart=True, daemon_args=_daemon_args(args))
+
+    try:
+        clients = [connect()]
+    except UnbakeError as e:
+        _err(str(e))
+        return EXIT_FAILED
+    try:
+        try:
+            device = clients[0].hello().get("device", "?")
+            # One session opened and cancelled up front: the model is loaded, its name known, and a bad
+            # model, stem or option is one line before any file is read (as in process).
+            probe = clients[0].open(args.model, 44100, 2, **options)
+            name = probe.model
+            try:
+                probe.cancel()
+            except UnbakeError:
+                pass
+        except UnbakeError as e:
+            _err(str(e))
+            return EXIT_FAILED
+        if not args.quiet:
+            print(f"model {name} on {device} (engine at {endpoint}) -> {Path(args.out) / name}", file=sys.stderr)
+
+        def run_one(path, progress):
+            def dests(model_name, stems):
+                return stem_paths(Path(args.out), model_name, path, stems, fmt, args.filename)
+            try:
+                report, _ = separate_file_via(clients[-1], path, dests, fmt, model=name, progress=progress,
+                                              **options)
+            except EngineUnavailable:
+                # The engine went away (or hangs): the next file gets a fresh connection, which starts
+                # an engine again if none answers.
+                clients[-1].close()
+                clients.append(connect())
+                raise
+            return report
+
+        return _separate_files(args, run_one)
+    finally:
+        clients[-1].close()
+
+
+def cmd_serve(args) -> int:
+    from engine import daemon
+    return daemon.run(args)
+
+
+def _format_duration(secs: float) -> str:
+    secs = int(secs)
+    if secs < 60:
+        return f"{secs} s"
+    if secs < 3600:
+        return f"{secs // 60} min {secs % 60:02d} s"
+    return f"{secs // 3600} h {secs % 3600 // 60:02d} min"
+
+
+def format_status(st: dict) -> str:
+    """A few lines for people from a ``status`` reply."""
+    lines = [f"unbake engine {st.get('engine_version', '?')} (protocol {st.get('protocol', '?')}) at "
+             f"{st.get('endpoint', '?')}, pid {st.get('pid', '?')}, up {_format_duration(st.get('uptime_s', 0))}"]
+    rss = st.get("rss_mb")
+    budget = st.get("memory_budget_gb")
+    lines.append(f"device {st.get('device', '?')}" + (f", {rss:.0f} MB resident" if rss is not None else "")
+                 + (f", model memory budget {budget:g} GB" if budget else ""))
+    models = st.get("models") or []
+    if models:
+        lines.append("models loaded:")
+        for m in models:
+            mem = m.get("memory_mb")
+            idle = m.get("idle_s")
+            lines.append(f"  {m.get('name', '?'):<18} " + (f"{mem:>6.0f} MB  " if mem is not None else "")
+                         + f"{m.get('sessions', 0)} session(s)"
+                         + (f", idle {_format_duration(idle)}" if idle is not None else ""))
+    else:
+        lines.append("models loaded: none")
+    lines.append(f"{st.get('sessions', 0)} session(s) open, queue depth {st.get('queue_depth', 0)}, "
+                 f"{st.get('served', 0)} request(s) served")
+    return "\n".join(lines)
+
+
+def cmd_status(args) -> int:
+    import json
+    from engine.errors import EngineUnavailable, UnbakeError
+    from plugin_bridge.client import Client
+    try:
+        endpoint = _endpoint(args)
+    except OSError as e:
+        _err(f"no endpoint for the unbake engine ({e})")
+        return EXIT_FAILED
+    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
+        _err(f"no unbake engine at {endpoint} (no socket at {endpoint[len('ipc://'):]})")
+        return EXIT_FAILED
+    try:  # --timeout-s is how long to wait, all in all: no retry
+        with Client(endpoint, autostart=False, timeout_s=args.timeout_s, retries=0) as client:
+            st = client.status()
+    except EngineUnavailable as e:
+        _err(f"no unbake engine at {endpoint} ({e})")
+        return EXIT_FAILED
+    except UnbakeError as e:
+        _err(f"{endpoint}: {e}")
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True, default=str))
+    else:
+        print(format_status(st))
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -164,8 +336,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unbake", description="Take songs apart into stems.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("separate", help="separate audio files into stems (demucs-style options)")
+    p = sub.add_parser(
+        "separate", help="separate audio files into stems (demucs-style options)",
+        description="Separate audio files into stems. By default through the unbake engine daemon at "
+                    "--endpoint, started in the background if none answers there; -d, --fp16, -j, "
+                    "--batch-segments (the engine's --max-batch) and --repo are settings of that engine: "
+                    "they apply when this command starts it, an engine already running keeps its own "
+                    "(`unbake status` shows its device). --in-process loads the model in this process instead.")
     _add_model_args(p)
+    p.add_argument("--endpoint", default=None, metavar="ENDPOINT",
+                   help="the engine's address: ipc://PATH or tcp://HOST:PORT (default: $UNBAKE_ENDPOINT, "
+                        "else the per-user socket ipc://$XDG_RUNTIME_DIR/unbake/engine.sock)")
+    p.add_argument("--in-process", action="store_true",
+                   help="load the model and separate in this process, without the engine daemon")
     p.add_argument("files", nargs="+", help="audio files (wav, flac, mp3, ogg, aiff)")
     p.add_argument("-o", "--out", default="separated", help="output folder (default: ./separated)")
     p.add_argument("--two-stems", default=None, metavar="STEM", help="write STEM and no_STEM only")
@@ -180,6 +363,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output path under OUT/MODEL; variables: track, trackext, stem, ext")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
     p.set_defaults(func=cmd_separate)
+
+    p = sub.add_parser("serve", help="run the engine daemon in the foreground (see `unbake serve -h`)",
+                       description="Run the unbake engine daemon: it keeps models warm and serves "
+                                   "`unbake separate`, the Python client and plugins over ZeroMQ.")
+    try:
+        from engine import daemon  # torch-free at import time: the engine's torch side loads in daemon.run
+    except ImportError as e:  # a broken install must not take the other subcommands down with it
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p.set_defaults(func=lambda args, e=e: _err(f"the engine daemon cannot be imported ({e})") or EXIT_FAILED)
+    else:
+        daemon.add_arguments(p)
+        p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="ask a running engine daemon how it is doing")
+    p.add_argument("--endpoint", default=None, metavar="ENDPOINT",
+                   help="the engine's address (default: $UNBAKE_ENDPOINT, else the per-user socket)")
+    p.add_argument("--json", action="store_true", help="print the daemon's status reply as JSON")
+    p.add_argument("--timeout-s", type=float, default=5.0, metavar="S",
+                   help="how long to wait for an answer (default 5)")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("eval", help="SDR of a model on song folders (mixture.wav + stem files)")
     _add_model_args(p)

@@ -1,6 +1,8 @@
 """`unbake separate` with HT-Demucs checkpoints in the official package format (random weights, since
 the official files cannot be downloaded here), through the same code path users hit: --repo DIR
-with SIG-SHA8.th files and a bag yaml, verified by the sha256 prefix in the file name."""
+with SIG-SHA8.th files and a bag yaml, verified by the sha256 prefix in the file name.
+In process (--in-process): a --repo of its own is a setting of the engine, and the test engine daemon
+already runs with the shared test weights."""
 import subprocess
 import sys
 
@@ -22,7 +24,8 @@ def test_bag_from_repo_equals_demucs_apply_model(song_excerpt, tmp_path):
     repo.mkdir()
     fix = fx.build_fixture_repo(repo)
     out = tmp_path / "out"
-    r = unbake("separate", "-n", "tiny_htdemucs_ft", "--repo", repo, "-o", out, "--float32", "-q", song_excerpt)
+    r = unbake("separate", "--in-process", "-n", "tiny_htdemucs_ft", "--repo", repo, "-o", out, "--float32", "-q",
+               song_excerpt)
     assert r.returncode == 0, r.stderr
     mix, sr = read(song_excerpt)
     bag = BagOfModels([fix["models"][fx.SIG_HT_B], fix["models"][fx.SIG_HT_C]],
@@ -44,7 +47,7 @@ def test_tampered_checkpoint_is_refused_before_loading(song_excerpt, tmp_path):
     data[-10] ^= 0xFF
     path.write_bytes(bytes(data))
     fx.write_bag(repo, "mine", ["5eed0a99"])
-    r = unbake("separate", "-n", "mine", "--repo", repo, "-o", tmp_path / "out", song_excerpt)
+    r = unbake("separate", "--in-process", "-n", "mine", "--repo", repo, "-o", tmp_path / "out", song_excerpt)
     assert r.returncode == 1
     assert "sha256 mismatch" in r.stderr and path.name in r.stderr
     assert not (tmp_path / "out").exists()

@@ -1,5 +1,10 @@
 """`unbake separate` end to end through the real command: outputs, formats, and every bad input
-(one line naming the file and the problem, non-zero exit, nothing partial, other files still done)."""
+(one line naming the file and the problem, non-zero exit, nothing partial, other files still done).
+
+The default path goes through the engine daemon (the test one, tests/plugin_bridge/conftest.py);
+``--in-process`` is checked where it differs, and against the daemon's output.
+"""
+import json
 import os
 import subprocess
 import sys
@@ -110,13 +115,18 @@ def _bad_inputs(folder: Path, song: Path) -> dict[str, tuple[Path, str]]:
     return cases
 
 
-def test_bad_inputs_one_line_each_others_still_processed(song_excerpt, spleeter_repo, tmp_path):
+PATHS = {"daemon": (), "in-process": ("--in-process",)}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bad_inputs_one_line_each_others_still_processed(song_excerpt, spleeter_repo, tmp_path, path):
     cases = _bad_inputs(tmp_path, song_excerpt)
     one_sample = tmp_path / "one.wav"
     sf.write(str(one_sample), np.array([[0.25, -0.25]], np.float32), 44100, subtype="FLOAT")
     out = tmp_path / "out"
     files = [c[0] for c in cases.values()]
-    r = unbake("separate", "-o", out, "-q", "--float32", files[0], song_excerpt, *files[1:], one_sample)
+    r = unbake("separate", *PATHS[path], "-o", out, "-q", "--float32", files[0], song_excerpt, *files[1:],
+               one_sample)
     assert r.returncode == 1
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == len(cases) + 1, r.stderr  # one per bad file, plus the summary line
@@ -127,16 +137,28 @@ def test_bad_inputs_one_line_each_others_still_processed(song_excerpt, spleeter_
     # The good files were separated; nothing partial or hidden was left for the bad ones.
     assert files_under(out) == sorted([f"{MODEL}/excerpt/accompaniment.wav", f"{MODEL}/excerpt/vocals.wav",
                                        f"{MODEL}/one/accompaniment.wav", f"{MODEL}/one/vocals.wav"])
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temp files left
     one_voc, _ = read(out / MODEL / "one" / "vocals.wav")
     assert one_voc.shape == (2, 1)  # a 1-sample file is valid audio: 1-sample stems
 
 
-def test_unknown_model_and_missing_weights(song_excerpt, tmp_path):
-    r = unbake("separate", "-n", "no-such-model", "-o", tmp_path / "o", song_excerpt)
+@pytest.mark.parametrize("path", PATHS)
+def test_unknown_model_and_missing_weights(song_excerpt, tmp_path, path):
+    r = unbake("separate", *PATHS[path], "-n", "no-such-model", "-o", tmp_path / "o", song_excerpt)
     assert r.returncode == 1 and "unknown model 'no-such-model'" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
-    r = unbake("separate", "-n", "htdemucs", "--repo", tmp_path / "empty-repo", "-o", tmp_path / "o", song_excerpt)
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    # (through the daemon --repo is the running engine's business: the test engine has no htdemucs either)
+    r = unbake("separate", *PATHS[path], "-n", "htdemucs", "--repo", tmp_path / "empty-repo", "-o", tmp_path / "o",
+               song_excerpt)
     assert r.returncode == 1 and "unbake fetch htdemucs" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_stem_name_is_one_line_before_any_file(song_excerpt, spleeter_repo, tmp_path):
+    r = unbake("separate", "--two-stems", "drums", "-o", tmp_path / "o", song_excerpt)
+    assert r.returncode == 1 and "drums" in r.stderr and "vocals" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o").exists()
 
 
@@ -148,3 +170,67 @@ def test_output_folder_that_cannot_be_written(song_excerpt, spleeter_repo, tmp_p
     errors = [line for line in r.stderr.splitlines() if "cannot write" in line]
     assert len(errors) == 2 and all(str(song_excerpt) in e for e in errors), r.stderr
     assert os.listdir(tmp_path) == ["a-file"]
+
+
+def test_daemon_output_equals_in_process_output(song_excerpt, spleeter_repo, tmp_path):
+    r = unbake("separate", "-o", tmp_path / "d", "-q", "--float32", song_excerpt)
+    assert r.returncode == 0, r.stderr
+    r = unbake("separate", "--in-process", "-j", "1", "-o", tmp_path / "p", "-q", "--float32", song_excerpt)
+    assert r.returncode == 0, r.stderr
+    assert files_under(tmp_path / "d") == files_under(tmp_path / "p")
+    for stem in ("vocals", "accompaniment"):
+        via, sr_d = read(tmp_path / "d" / MODEL / "excerpt" / f"{stem}.wav")
+        local, sr_p = read(tmp_path / "p" / MODEL / "excerpt" / f"{stem}.wav")
+        assert sr_d == sr_p and via.shape == local.shape
+        assert float(np.abs(via - local).max()) <= 1e-5, stem
+
+
+def test_fp16_on_cpu_is_refused_in_process(song_excerpt, spleeter_repo, tmp_path):
+    r = unbake("separate", "--in-process", "-d", "cpu", "--fp16", "-o", tmp_path / "o", song_excerpt)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == ["error: --fp16 needs a CUDA device; on the CPU unbake computes in "
+                                             "float32"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_daemon_path_never_imports_torch(song_excerpt, spleeter_repo, tmp_path):
+    code = ("import sys\n"
+            "from plugin_bridge import cli\n"
+            "rc = cli.main(sys.argv[1:])\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "sys.exit(rc)\n")
+    r = subprocess.run([sys.executable, "-c", code, "separate", "-q", "-o", str(tmp_path), str(song_excerpt)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert files_under(tmp_path) == [f"{MODEL}/excerpt/accompaniment.wav", f"{MODEL}/excerpt/vocals.wav"]
+    r = subprocess.run([sys.executable, "-c", code, "status"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_status_json_and_served_count(song_excerpt, spleeter_repo, tmp_path):
+    r = unbake("status", "--json")
+    assert r.returncode == 0, r.stderr
+    before = json.loads(r.stdout)
+    for key in ("endpoint", "pid", "engine_version", "protocol", "uptime_s", "device", "models",
+                "memory_budget_gb", "queue_depth", "sessions", "served", "rss_mb"):
+        assert key in before, key
+    assert before["endpoint"] == os.environ["UNBAKE_ENDPOINT"]
+    assert isinstance(before["sessions"], int) and isinstance(before["served"], int)
+    r = unbake("separate", "-q", "-o", tmp_path, song_excerpt)
+    assert r.returncode == 0, r.stderr
+    after = json.loads(unbake("status", "--json").stdout)
+    assert after["served"] > before["served"]
+    assert after["sessions"] == 0  # the separation's session is closed
+    assert MODEL in [m["name"] for m in after["models"]]
+    r = unbake("status")  # for people
+    assert r.returncode == 0 and MODEL in r.stdout and str(after["pid"]) in r.stdout
+
+
+@pytest.mark.parametrize("where", ["ipc", "tcp"])
+def test_status_without_an_engine_is_one_line(tmp_path, where):
+    endpoint = f"ipc://{tmp_path}/nobody.sock" if where == "ipc" else "tcp://127.0.0.1:9"  # discard port
+    r = unbake("status", "--endpoint", endpoint, "--timeout-s", "0.5")
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: no unbake engine at {endpoint} ("), r.stderr
+    assert not r.stdout
