@@ -312,8 +312,9 @@ def check_reply(header: dict) -> dict:
     return header
 
 
-def reply_pcm(header: dict, frames: list) -> list[np.ndarray]:
-    """The PCM frames of a ``stems`` reply as float32 [channels, frames] arrays (copies, writable)."""
+def reply_pcm(header: dict, frames: list, copy: bool = True) -> list[np.ndarray]:
+    """The PCM frames of a ``stems`` reply as float32 [channels, frames] arrays: writable copies,
+    or (``copy=False``) read-only views on the received frames."""
     n, c = header.get("frames"), header.get("channels")
     stems = header.get("stems")
     if not (isinstance(n, int) and isinstance(c, int) and isinstance(stems, list)) or len(frames) != len(stems):
@@ -322,7 +323,8 @@ def reply_pcm(header: dict, frames: list) -> list[np.ndarray]:
     for f in frames:
         if len(f) != 4 * n * c:
             raise ProtocolError(f"stems reply: PCM frame of {len(f)} bytes, expected {4 * n * c}")
-        out.append(np.frombuffer(f, dtype=PCM_DTYPE).reshape(c, n).astype(np.float32))
+        view = np.frombuffer(f, dtype=PCM_DTYPE).reshape(c, n)
+        out.append(view.astype(np.float32) if copy else view.astype(np.float32, copy=False))
     return out
 
 

@@ -187,10 +187,13 @@ def _tries(retries: int) -> str:
     return f" (tried {retries + 1} times)" if retries else ""
 
 
-def _concat(parts: list[np.ndarray], channels: int) -> np.ndarray:
+def _concat(parts: list[np.ndarray], channels: int, views: bool = False) -> np.ndarray:
+    """One writable array of the parts (views=True: a read-only view where there is one part)."""
     if not parts:
         return np.zeros((channels, 0), np.float32)
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+    if len(parts) == 1:
+        return parts[0] if views or parts[0].flags.writeable else parts[0].copy()
+    return np.concatenate(parts, axis=1)
 
 
 # -- results ----------------------------------------------------------------------------------------
@@ -283,6 +286,7 @@ class Session:
         self.frames_out = 0
         self.last_done: dict | None = None
         self.on_stems: Callable[[int], Any] | None = None  # called with frames_out as stems arrive
+        self._views = False  # True: receive/close may return read-only views (Client.separate copies them)
         self._client = client
         self._generation = generation
         self._max_frames = max(1, int(max_chunk_samples) // self.channels)
@@ -372,7 +376,7 @@ class Session:
         for rid in ids:
             self._collect(rid, parts, "push")
         del self._tickets[ticket]
-        return {s: _concat(p, self.channels) for s, p in parts.items()}
+        return {s: _concat(p, self.channels, self._views) for s, p in parts.items()}
 
     def push(self, block) -> dict[str, np.ndarray]:
         """Push ``block`` (float [channels, frames], the session's channel count; 1-D for mono) and
@@ -407,7 +411,7 @@ class Session:
                                 f"for {self.frames_in} frames pushed")
             self._failed = err
             raise err
-        return {s: _concat(p, self.channels) for s, p in parts.items()}
+        return {s: _concat(p, self.channels, self._views) for s, p in parts.items()}
 
     def cancel(self) -> None:
         """Drop the session: the daemon stops its work and frees it. Pushes in flight are dropped.
@@ -478,7 +482,7 @@ class Session:
         if not isinstance(frames, int) or frames < 0 or self.frames_out + frames > self.frames_in:
             raise ProtocolError(f"{label}: stems block of {frames!r} frames at {start}; only "
                                 f"{self.frames_in} frames were pushed")
-        arrays = protocol.reply_pcm(header, pcm)
+        arrays = protocol.reply_pcm(header, pcm, copy=False)  # views; _concat copies where needed
         for stem, block in zip(self.stems, arrays):
             parts[stem].append(block)
         self.frames_out += frames
@@ -754,6 +758,7 @@ class Client:
         session = self.open(model, rate, channels, **opts)
         try:
             step = max(1, min(int(round(chunk_s * rate)), session._max_frames))
+            session._views = True  # blocks are copied into `out` below: no intermediate copies
             out = {s: np.empty((channels, total), np.float32) for s in session.stems}
             filled = 0
 

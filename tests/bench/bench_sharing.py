@@ -86,6 +86,8 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     wall_ind, ind = run_tools("inprocess", songs, tmp, None, env)
+    # the same with the allocator setting the daemon uses (engine.daemon.tune_malloc), for fairness
+    wall_tuned, tuned = run_tools("inprocess", songs, tmp, None, {**env, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)})
 
     endpoint = f"ipc://{tmp}/warm.sock"
     engine = EngineProcess(endpoint, "--preload", MODEL, log=tmp / "warm.log").start(timeout_s=120)
@@ -105,19 +107,26 @@ def main() -> None:
     finally:
         cold_engine.stop()
 
+    def each(results):
+        return " + ".join(f"{r['peak_rss_mb']:.0f}" for r in results)
+
     rss_ind = sum(r["peak_rss_mb"] for r in ind)
     rss_warm = daemon_peak_warm + sum(r["peak_rss_mb"] for r in warm)
     rss_cold = daemon_peak_cold + sum(r["peak_rss_mb"] for r in cold)
     print(f"4 tools, {MODEL}, songs: {', '.join(s.parent.name for s in songs)}; {os.cpu_count()} CPUs")
-    print(f"  independent: wall {wall_ind:.2f} s, peak RSS {' + '.join(f'{r['peak_rss_mb']:.0f}' for r in ind)}"
+    print(f"  independent: wall {wall_ind:.2f} s, peak RSS {each(ind)}"
           f" = {rss_ind:.0f} MB")
     for label, wall, daemon, clients in [("shared, warm daemon", wall_warm, daemon_peak_warm, warm),
                                          ("shared, cold daemon", wall_cold + start_s, daemon_peak_cold, cold)]:
         rss = daemon + sum(r["peak_rss_mb"] for r in clients)
         print(f"  {label}: wall {wall:.2f} s, peak RSS daemon {daemon:.0f} + clients "
-              f"{' + '.join(f'{r['peak_rss_mb']:.0f}' for r in clients)} = {rss:.0f} MB "
+              f"{each(clients)} = {rss:.0f} MB "
               f"(clients import torch: {any(r['torch'] for r in clients)})")
-    print(f"  ratio RSS shared / independent: warm {rss_warm / rss_ind:.3f}, cold {rss_cold / rss_ind:.3f}")
+    rss_tuned = sum(r["peak_rss_mb"] for r in tuned)
+    print(f"  independent, daemon's malloc setting: wall {wall_tuned:.2f} s, peak RSS {each(tuned)} = {rss_tuned:.0f} MB")
+    print(f"  ratio RSS shared / independent: warm {rss_warm / rss_ind:.3f}, cold {rss_cold / rss_ind:.3f}; "
+          f"against independent runs with the daemon's malloc setting: warm {rss_warm / rss_tuned:.3f}, "
+          f"cold {rss_cold / rss_tuned:.3f}")
     print(f"  ratio wall shared / independent: warm {wall_warm / wall_ind:.3f}, "
           f"cold (daemon start {start_s:.2f} s included) {(wall_cold + start_s) / wall_ind:.3f}")
 
