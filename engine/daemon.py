@@ -461,28 +461,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder of the public certificates of the clients allowed in")
 
 
-def tune_malloc(mmap_threshold_bytes: int = 1 << 20) -> bool:
-    """A long-running server's memory: glibc raises its mmap threshold after each large free, so
-    later audio buffers come from the heap and stay resident after a session ends (RSS grew from
-    0.65 to 0.84 GB over 5 sessions of 30 s). A fixed threshold keeps buffers above 1 MiB mmapped
-    and returned at once (peak 0.54 GB for the same). No effect where glibc is not the allocator."""
+MMAP_THRESHOLD_BYTES = 4 << 20
+
+
+def tune_malloc(mmap_threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Not used by default (see below: it costs HT-Demucs speed); kept for memory-bound hosts.
+
+    glibc raises its mmap threshold after each large free (up to 32 MiB), so later audio buffers
+    (a session's input, windows, stems: 4 to 30 MB) come from the heap and their peak stays
+    resident. A fixed 4 MiB threshold maps them and unmaps them when freed (peak RSS for 4
+    concurrent 30 s sessions: 0.84 GB -> 0.55 GB). 1 MiB was measured to halve HT-Demucs' speed
+    (its many 1-4 MB activations fault in anew). No effect where glibc is not the allocator."""
     try:
         import ctypes
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(-3, mmap_threshold_bytes))  # M_MMAP_THRESHOLD
+        return bool(ctypes.CDLL(None).mallopt(-3, mmap_threshold_bytes))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
 
 
+def release_free_memory() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``): a long-running server otherwise
+    keeps the high-water mark of every session it served (RSS grew from 0.65 to 0.84 GB over 5
+    sessions of 30 s). Called when a session ends; no effect where glibc is not the allocator."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 def run(args: argparse.Namespace) -> int:
-    tune_malloc()
     endpoint = args.endpoint or P.default_endpoint()
     limits = P.Limits(session_ttl_s=args.session_ttl_s, max_sessions=args.max_sessions,
                       max_sessions_per_client=args.max_sessions_per_client)
 
     def service_factory(emit):
         from .service import Service  # torch is imported here, not at module import
-        return Service(emit, device=args.device, fp16=args.fp16, repo=args.repo, threads=args.jobs,
+        return Service(emit, after_session=release_free_memory, device=args.device, fp16=args.fp16, repo=args.repo, threads=args.jobs,
                        max_batch=args.max_batch, max_queue_delay_s=args.max_queue_delay_ms / 1000,
                        memory_budget_gb=args.memory_budget_gb, limits=limits)
 
