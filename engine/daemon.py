@@ -23,7 +23,6 @@ import resource
 import secrets
 import signal
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -146,7 +145,7 @@ class Daemon:
                 info.ready = True
             else:
                 del self.sessions[entry.sid]
-        elif not _alive(self.service, entry.sid):  # closed, or ended by an error
+        elif not self.service.scheduler.has(entry.sid):  # closed, or ended by an error
             del self.sessions[entry.sid]
 
     def _error(self, identity: bytes, re: int | None, err: Exception) -> None:
@@ -421,11 +420,6 @@ class Daemon:
             os.close(self.lock_fd)
 
 
-def _alive(service, sid: str) -> bool:
-    with service.scheduler.cond:
-        return sid in service.scheduler.sessions
-
-
 def rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -465,24 +459,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the daemon's CURVE certificate (zmq.auth format, with the secret key)")
     p.add_argument("--curve-allowed-keys", default=None, metavar="DIR",
                    help="folder of the public certificates of the clients allowed in")
-
-
-MMAP_THRESHOLD_BYTES = 4 << 20
-
-
-def tune_malloc(mmap_threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Not used by default (see below: it costs HT-Demucs speed); kept for memory-bound hosts.
-
-    glibc raises its mmap threshold after each large free (up to 32 MiB), so later audio buffers
-    (a session's input, windows, stems: 4 to 30 MB) come from the heap and their peak stays
-    resident. A fixed 4 MiB threshold maps them and unmaps them when freed (peak RSS for 4
-    concurrent 30 s sessions: 0.84 GB -> 0.55 GB). 1 MiB was measured to halve HT-Demucs' speed
-    (its many 1-4 MB activations fault in anew). No effect where glibc is not the allocator."""
-    try:
-        import ctypes
-        return bool(ctypes.CDLL(None).mallopt(-3, mmap_threshold_bytes))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
 
 
 def release_free_memory() -> None:

@@ -60,14 +60,11 @@ class Scheduler:
 
     max_batch: most segments in one forward pass. max_queue_delay_s: how long a segment may wait
     for others to fill a batch. max_pending: requests of one session queued at once.
-    after_batch: called by the worker after each forward pass and its replies (memory upkeep).
     """
 
     def __init__(self, emit: Callable[[bytes, dict, list], None], *, max_batch: int = 1,
-                 max_queue_delay_s: float = 0.002, max_pending: int = 16,
-                 after_batch: Callable[[], None] | None = None):
+                 max_queue_delay_s: float = 0.002, max_pending: int = 16):
         self.emit = emit
-        self.after_batch = after_batch
         self.max_batch = max(1, int(max_batch))
         self.max_queue_delay_s = max(0.0, float(max_queue_delay_s))
         self.max_pending = max_pending
@@ -116,10 +113,10 @@ class Scheduler:
         """Free an idle session (its client went away)."""
         self.cancel(sid, UnknownSession(f"session {sid} expired"))
 
-    def pending(self, sid: str) -> int:
+    def has(self, sid: str) -> bool:
+        """Whether the session is still open here (not closed, cancelled or failed)."""
         with self.cond:
-            sess = self.sessions.get(sid)
-            return 0 if sess is None else len(sess.inbox) + len(sess.tasks)
+            return sid in self.sessions
 
     @property
     def queue_depth(self) -> int:
@@ -246,8 +243,6 @@ class Scheduler:
             touched[id(sess)] = sess
         for sess in touched.values():
             self._deliver(sess)
-        if self.after_batch is not None:
-            self.after_batch()
 
     def _deliver(self, sess: Session) -> None:
         """Send what became final for the session's oldest requests; finish those that are done."""

@@ -38,8 +38,7 @@ class Service:
     """device: a name for engine.devices.pick_device (None: best available). fp16: CUDA autocast.
     emit: the daemon's thread-safe reply function (identity, header, pcm)."""
 
-    def __init__(self, emit: Callable, *, after_batch: Callable[[], None] | None = None,
-                 after_session: Callable[[], None] | None = None, device: str | None = None, fp16: bool = False, repo=None,
+    def __init__(self, emit: Callable, *, device: str | None = None, fp16: bool = False, repo=None,
                  threads: int | None = None, max_batch: int | None = None, max_queue_delay_s: float = 0.002,
                  memory_budget_gb: float | None = None, limits: P.Limits = P.Limits()):
         if threads:
@@ -47,14 +46,13 @@ class Service:
         self.device = devices.pick_device(device)
         self.dtype = devices.pick_dtype(self.device, fp16)
         self.repo = repo
-        self.after_session = after_session
         budget = (default_memory_budget_bytes(self.device) if memory_budget_gb is None
                   else int(memory_budget_gb * GB))
         self.cache = ModelCache(repo, self.device, budget, warmup=warmup)
         if max_batch is None:
             max_batch = 1 if self.device.type == "cpu" else 8  # batching is slower on CPU (bench_htdemucs)
         self.scheduler = Scheduler(emit, max_batch=max_batch, max_queue_delay_s=max_queue_delay_s,
-                                   max_pending=limits.max_pending_per_session, after_batch=after_batch)
+                                   max_pending=limits.max_pending_per_session)
 
     def preload(self, name: str) -> str:
         """Load and warm a model so the first session finds it ready. Returns its name."""
@@ -74,18 +72,13 @@ class Service:
                                        where=f"session {sid}", dtype=self.dtype, **opts)
             except ValueError as e:
                 raise BadRequest(f"session {sid}: {e}") from None
-            self.scheduler.add(sid, track, name, on_removed=lambda: self._ended(name))
+            self.scheduler.add(sid, track, name, on_removed=lambda: self.cache.release(name))
         except BaseException:
             self.cache.release(name)
             raise
         return {"session": sid, "model": name, "stems": track.stems, "sample_rate": sample_rate,
                 "channels": channels, "model_sample_rate": net.sample_rate,
                 "latency_samples": track.latency_samples, "options": options}
-
-    def _ended(self, name: str) -> None:
-        self.cache.release(name)
-        if self.after_session is not None:
-            self.after_session()
 
     def models(self) -> list[dict]:
         loaded = set(self.cache.loaded())

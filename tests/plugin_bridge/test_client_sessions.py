@@ -47,7 +47,7 @@ def test_any_chunking_equals_offline(client, song, offline, seed):
     rng = np.random.default_rng(seed)
     session = client.open("spleeter-2stems", sr, 2, **OPTIONS)
     assert session.latency_samples > 0
-    parts, pos, pushed = [], 0, 0
+    parts, pos = [], 0
     while pos < mix.shape[1]:  # 1 sample to 3 s
         n = int(rng.choice([1, 7, 512, 4096, 44100, 3 * 44100]))
         block = mix[:, pos:pos + n]
