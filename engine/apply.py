@@ -68,16 +68,14 @@ class Segment:
     """One segment of the grid waiting for (or back from) the network.
 
     k: index on the grid; offset: first track frame it covers; n: frames it covers;
-    start: first track frame of its network window; window: float32 [channels, w] (w >= n).
+    start: first track frame of its network window; w: the window's length (w >= n).
+    The window's samples are copied out of the runner's input only when the segment runs
+    (``OverlapAdd.fill_window``), so queued segments hold no audio of their own.
     """
-    __slots__ = ("k", "offset", "n", "start", "window")
+    __slots__ = ("k", "offset", "n", "start", "w")
 
-    def __init__(self, k: int, offset: int, n: int, start: int, window: torch.Tensor):
-        self.k, self.offset, self.n, self.start, self.window = k, offset, n, start, window
-
-    @property
-    def w(self) -> int:
-        return self.window.shape[-1]
+    def __init__(self, k: int, offset: int, n: int, start: int, w: int):
+        self.k, self.offset, self.n, self.start, self.w = k, offset, n, start, w
 
 
 class OverlapAdd:
@@ -143,15 +141,20 @@ class OverlapAdd:
             self.inp = torch.cat([self.inp, chunk], dim=1) if self.inp.shape[1] else chunk
         self.received += chunk.shape[1]
 
-    def _window(self, start: int, length: int) -> torch.Tensor:
-        """Input frames [start, start + length) of the track, zeros outside [0, received)."""
+    def fill_window(self, seg: Segment, out: torch.Tensor) -> None:
+        """Write the network window of ``seg`` into ``out`` (float32 [channels, seg.w]): input frames
+        [seg.start, seg.start + seg.w) of the track, zeros outside [0, received)."""
+        assert out.shape == (self.channels, seg.w), out.shape  # [channels, window]
+        start, length = seg.start, seg.w
         lo, hi = max(start, 0), min(start + length, self.received)
         if lo < self.inp_start:
             raise RuntimeError(f"internal: window at {start} reaches before retained input {self.inp_start}")
-        out = torch.zeros(self.channels, length)
-        if hi > lo:
-            out[:, lo - start:hi - start] = self.inp[:, lo - self.inp_start:hi - self.inp_start]
-        return out
+        if hi <= lo:
+            out.zero_()
+            return
+        out[:, :lo - start].zero_()
+        out[:, hi - start:].zero_()
+        out[:, lo - start:hi - start] = self.inp[:, lo - self.inp_start:hi - self.inp_start]
 
     # -- the grid -----------------------------------------------------------------------------
     def take(self, chunk: torch.Tensor | None = None, final: bool = False) -> list[Segment]:
@@ -177,15 +180,17 @@ class OverlapAdd:
             start = offset - (w - n) // 2
             if not final and start + w > self.received:
                 break
-            ready.append(Segment(k, offset, n, start, self._window(start, w)))
+            ready.append(Segment(k, offset, n, start, w))
             k += 1
         self.next_k = k
-        # Input before the next segment's window is no longer needed.
-        keep_from = max(0, self.next_k * self.stride - self.context)
-        if keep_from > self.inp_start:
-            self.inp = self.inp[:, keep_from - self.inp_start:]
-            self.inp_start = keep_from
         return ready
+
+    def windows(self, segments: list[Segment]) -> torch.Tensor:
+        """float32 [batch, channels, w]: the network input of segments of one window length."""
+        out = torch.empty(len(segments), self.channels, segments[0].w)
+        for seg, row in zip(segments, out):
+            self.fill_window(seg, row)
+        return out
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
         """float32 [batch, channels, w] -> float32 [batch, sources, channels, w] on the CPU."""
@@ -203,6 +208,11 @@ class OverlapAdd:
         trim = (seg.w - seg.n) // 2
         self._accumulate(seg.offset, out[..., trim:trim + seg.n])
         self.done_k += 1
+        # Input before the next segment's window is no longer needed.
+        keep_from = max(0, self.done_k * self.stride - self.context)
+        if keep_from > self.inp_start:
+            self.inp = self.inp[:, keep_from - self.inp_start:]
+            self.inp_start = keep_from
 
     def run(self, segments: list[Segment]) -> None:
         """Run segments through the network here, ``batch_segments`` at a time."""
@@ -212,7 +222,7 @@ class OverlapAdd:
             while (i + len(group) < len(segments) and len(group) < self.batch_segments
                    and segments[i + len(group)].w == group[0].w):
                 group.append(segments[i + len(group)])
-            out = self.forward(torch.stack([s.window for s in group]))
+            out = self.forward(self.windows(group))
             for seg, seg_out in zip(group, out):
                 self.put(seg, seg_out)
             i += len(group)
@@ -226,7 +236,7 @@ class OverlapAdd:
             self.acc = torch.cat([self.acc, torch.zeros(self.n_sources, self.channels, grow)], dim=-1)
             self.acc_w = torch.cat([self.acc_w, torch.zeros(grow)])
         a, b = offset - self.out_start, end - self.out_start
-        self.acc[..., a:b] += self.weight[:n] * seg_out
+        self.acc[..., a:b].addcmul_(seg_out, self.weight[:n])
         self.acc_w[a:b] += self.weight[:n]
 
     def ready(self) -> torch.Tensor:
@@ -237,7 +247,7 @@ class OverlapAdd:
         else:
             upto = self.done_k * self.stride
         n = max(0, upto - self.out_start)
-        out = self.acc[..., :n] / self.acc_w[:n]
+        out = self.acc[..., :n].div_(self.acc_w[:n])  # in place: those frames leave acc
         self.acc, self.acc_w = self.acc[..., n:], self.acc_w[n:]
         self.out_start += n
         drop = min(self.prefix_left, out.shape[-1])
@@ -269,7 +279,11 @@ class Job:
 def run_jobs(jobs: list[Job]) -> None:
     """One forward pass for jobs that share a key; results go back to their runners."""
     assert jobs and all(j.key == jobs[0].key for j in jobs)
-    out = jobs[0].runner.forward(torch.stack([j.seg.window for j in jobs]))
+    w = jobs[0].seg.w
+    windows = torch.empty(len(jobs), jobs[0].runner.channels, w)
+    for job, row in zip(jobs, windows):
+        job.runner.fill_window(job.seg, row)
+    out = jobs[0].runner.forward(windows)
     for job, job_out in zip(jobs, out):
         job.runner.put(job.seg, job_out)
 
@@ -334,6 +348,10 @@ class Streamer:
         self.pending = [torch.zeros(len(self.sources), self.audio_channels, 0) for _ in self.parts]
 
     def _combine(self, outs: Iterable[torch.Tensor]) -> torch.Tensor:
+        outs = list(outs)
+        if len(outs) == 1 and not self.pending[0].shape[-1]:  # one runner: no copies
+            scale = self.parts[0][1]
+            return outs[0] if bool((scale == 1).all()) else outs[0].mul_(scale[:, None, None])
         for i, out in enumerate(outs):
             if out.shape[-1]:
                 self.pending[i] = torch.cat([self.pending[i], out], dim=-1)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, Union
@@ -26,6 +26,7 @@ import numpy as np
 from .errors import BadAudio, BadRequest, OutputError, ProtocolError
 
 READ_BLOCK_S = 10.0
+WRITE_BLOCK_FRAMES = 1 << 16  # stems are encoded in slices, so temporaries stay small
 FORMATS = {"wav": "wav", "flac": "flac", "mp3": "mp3"}
 DEFAULT_TEMPLATE = "{track}/{stem}.{ext}"
 _UMASK = os.umask(0o022)
@@ -73,8 +74,9 @@ class Track(Protocol):
     def push(self, block: np.ndarray) -> dict[str, np.ndarray]:
         """float32 [channels, n] -> {stem: float32 [channels, m]}, the final output so far."""
 
-    def close(self) -> dict[str, np.ndarray]:
-        """The rest: all outputs together have exactly the pushed length."""
+    def close(self) -> Union[dict[str, np.ndarray], Iterable[dict[str, np.ndarray]]]:
+        """The rest (one dict, or several written in order, as they arrive): all outputs
+        together have exactly the pushed length."""
 
 
 # open_track(sample_rate, channels, where) -> Track
@@ -150,8 +152,11 @@ class StemWriter:
         self.report = StemReport(dest)
 
     def write(self, block: np.ndarray) -> None:
-        if block.shape[-1] == 0:
-            return
+        """block: float32 [channels, n], any n (written in slices of WRITE_BLOCK_FRAMES)."""
+        for a in range(0, block.shape[-1], WRITE_BLOCK_FRAMES):
+            self._write_slice(block[:, a:a + WRITE_BLOCK_FRAMES])
+
+    def _write_slice(self, block: np.ndarray) -> None:
         self.frames += block.shape[-1]
         peak = float(np.max(np.abs(block)))
         self.report.peak = max(self.report.peak, peak)
@@ -207,7 +212,9 @@ def write_track(path: Path, dests: Dests, fmt: OutputFormat, open_track: OpenTra
                 done += block.shape[-1]
                 if progress:
                     progress(done, total)
-            _write(writers, track.close())
+            rest = track.close()
+            for blocks in ([rest] if isinstance(rest, Mapping) else rest):
+                _write(writers, blocks)
             for stem, w in writers.items():
                 if w.frames != total:
                     raise ProtocolError(f"{path}: stem {stem!r} came back with {w.frames} frames, "

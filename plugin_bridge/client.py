@@ -395,6 +395,16 @@ class Session:
     def close(self) -> dict[str, np.ndarray]:
         """Finish the track: returns the stems' tail ``{stem: float32 [channels, m]}``; afterwards
         exactly ``frames_in`` frames of every stem have come back. The session is then gone."""
+        parts: dict[str, list[np.ndarray]] = {s: [] for s in self.stems}
+        for block in self.close_blocks():
+            for stem, out in block.items():
+                parts[stem].append(out)
+        return {s: _concat(p, self.channels, self._views) for s, p in parts.items()}
+
+    def close_blocks(self) -> Iterator[dict[str, np.ndarray]]:
+        """``close`` as the stem blocks arrive: yields ``{stem: float32 [channels, m]}`` read-only
+        views, one per ``stems`` reply (at most 2**18 frames each), so that a caller writing them
+        out never holds the whole tail. Iterate to the end: the session is gone after the last."""
         self._usable()
         if self._tickets:
             raise ValueError(f"session {self.id}: receive the pushes in flight before close()")
@@ -403,15 +413,13 @@ class Session:
         except UnbakeError as e:
             self._fail(e)
             raise
-        parts: dict[str, list[np.ndarray]] = {s: [] for s in self.stems}
-        self._collect(rid, parts, "close")
+        yield from self._stem_blocks(rid, "close")
         self._closed = True
         if self.frames_out != self.frames_in:
             err = ProtocolError(f"session {self.id}: the engine returned {self.frames_out} stem frames "
                                 f"for {self.frames_in} frames pushed")
             self._failed = err
             raise err
-        return {s: _concat(p, self.channels, self._views) for s, p in parts.items()}
 
     def cancel(self) -> None:
         """Drop the session: the daemon stops its work and frees it. Pushes in flight are dropped.
@@ -446,6 +454,13 @@ class Session:
 
     def _collect(self, rid: int, parts: dict[str, list[np.ndarray]], what: str) -> None:
         """Read the replies to request ``rid`` until its ``done``, appending stem blocks to ``parts``."""
+        for block in self._stem_blocks(rid, what):
+            for stem, out in block.items():
+                parts[stem].append(out)
+
+    def _stem_blocks(self, rid: int, what: str) -> Iterator[dict[str, np.ndarray]]:
+        """The stem blocks of request ``rid`` as they arrive ({stem: read-only view}), until its
+        ``done``; error replies raise (and fail the session)."""
         client = self._client
         label = f"{what} of session {self.id}"
         try:
@@ -461,14 +476,14 @@ class Session:
                     return
                 if kind != protocol.K_STEMS:
                     raise ProtocolError(f"{label}: unexpected {kind!r} reply")
-                self._take_stems(header, pcm, parts, label)
+                yield self._take_stems(header, pcm, label)
         except UnbakeError as e:
             self._fail(e)
             raise
         finally:
             client._queues.pop(rid, None)
 
-    def _take_stems(self, header: dict, pcm: list, parts: dict[str, list[np.ndarray]], label: str) -> None:
+    def _take_stems(self, header: dict, pcm: list, label: str) -> dict[str, np.ndarray]:
         if header.get("session") != self.id:
             raise ProtocolError(f"{label}: stems of session {header.get('session')!r}")
         if header.get("stems") != self.stems:
@@ -483,11 +498,10 @@ class Session:
             raise ProtocolError(f"{label}: stems block of {frames!r} frames at {start}; only "
                                 f"{self.frames_in} frames were pushed")
         arrays = protocol.reply_pcm(header, pcm, copy=False)  # views; _concat copies where needed
-        for stem, block in zip(self.stems, arrays):
-            parts[stem].append(block)
         self.frames_out += frames
         if self.on_stems is not None and frames:
             self.on_stems(self.frames_out)
+        return dict(zip(self.stems, arrays))
 
 
 class StemStream:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Iterator, Union
 
 import numpy as np
 
@@ -33,6 +33,7 @@ class SessionTrack:
 
     def __init__(self, session, where: str, sample_rate: int, in_flight: int = 3):
         self.session = session
+        session._views = True  # stem blocks are written out and dropped: read-only views will do
         self.model: str = session.model
         self.stems: list[str] = list(session.stems)
         self.where, self.sample_rate = where, sample_rate
@@ -49,15 +50,13 @@ class SessionTrack:
             return {}
         return self.session.receive(self._tickets.popleft())
 
-    def close(self) -> dict[str, np.ndarray]:
-        parts: dict[str, list[np.ndarray]] = {s: [] for s in self.stems}
+    def close(self) -> Iterator[dict[str, np.ndarray]]:
+        """The rest, as the blocks arrive (``{stem: float32 [channels, m]}`` read-only views), so
+        that no more than one reply's worth of stems (2**18 frames) is held here at a time."""
         while self._tickets:
-            for stem, out in self.session.receive(self._tickets.popleft()).items():
-                parts[stem].append(out)
-        for stem, out in self.session.close().items():
-            parts[stem].append(out)
+            yield self.session.receive(self._tickets.popleft())
+        yield from self.session.close_blocks()
         self.finished = True
-        return {s: np.concatenate(p, axis=1) for s, p in parts.items()}
 
     def cancel(self) -> None:
         """Free the session in the daemon; never raises (the error being handled matters more)."""

@@ -1,10 +1,14 @@
 """Benchmark: 4 tools separating 4 songs at the same time, sharing one daemon vs each in its own process.
 
-Run with ``python tests/bench/bench_sharing.py`` (not collected by pytest). Each tool is a process
-that reads a song (soundfile), separates it with spleeter-2stems and writes the stems (soundfile):
+Run with ``python tests/bench/bench_sharing.py [--tool cli|array|both]`` (not collected by pytest).
+Each tool is a process that separates one song file with spleeter-2stems into stem files; two kinds:
 
-- shared:      4 client processes (``plugin_bridge.client``, no torch) through one daemon
-- independent: 4 processes that each load the model in process (``engine.registry.load_model``)
+- ``cli`` (the main job): ``unbake separate SONG -o OUT -n spleeter-2stems --float32``, shared
+  through the daemon (no torch in the tool; the file is streamed in 10 s blocks) vs
+  ``--in-process`` (the model loaded in the tool).
+- ``array``: the tool reads the whole song into memory (soundfile), calls
+  ``plugin_bridge.client.Client.separate`` (shared) or ``engine.sessions.separate_array`` (in
+  process, ``engine.registry.load_model``) and writes the stems (soundfile).
 
 Memory is the sum of the peak RSS of every process involved (the daemon's own peak included);
 time is the wall time from starting the 4 tools until the last one has written its stems. The
@@ -33,9 +37,18 @@ MODEL = "spleeter-2stems"
 
 def child(mode: str, song: str, out: str, endpoint: str | None) -> None:
     """One tool: read, separate, write; prints {"peak_rss_mb", "seconds"} as JSON."""
+    t0 = time.perf_counter()
+    if mode.startswith("cli-"):
+        from plugin_bridge import cli
+        argv = ["separate", song, "-o", out, "-n", MODEL, "--float32", "-q"]
+        argv += ["--in-process"] if mode == "cli-inprocess" else ["--endpoint", endpoint]
+        if cli.main(argv):
+            raise SystemExit(f"unbake {' '.join(argv)} failed")
+        print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                          "seconds": time.perf_counter() - t0, "torch": "torch" in sys.modules}))
+        return
     import numpy as np
     import soundfile as sf
-    t0 = time.perf_counter()
     data, sr = sf.read(song, dtype="float32", always_2d=True)
     mix = np.ascontiguousarray(data.T)
     if mode == "client":
@@ -55,7 +68,7 @@ def child(mode: str, song: str, out: str, endpoint: str | None) -> None:
 
 def run_tools(mode: str, songs: list[Path], tmp: Path, endpoint: str | None, env: dict) -> tuple[float, list[dict]]:
     t0 = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, __file__, "--child", mode, str(song), str(tmp / f"{mode}{i}"),
+    procs = [subprocess.Popen([sys.executable, __file__, "--child", mode, str(song), str(tmp / f"{mode}{i}-{time.monotonic_ns()}"),
                                endpoint or ""], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env, cwd=ROOT)
              for i, song in enumerate(songs)]
@@ -71,11 +84,18 @@ def run_tools(mode: str, songs: list[Path], tmp: Path, endpoint: str | None, env
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=4, metavar=("MODE", "SONG", "OUT", "ENDPOINT"))
+    parser.add_argument("--tool", choices=["cli", "array", "both"], default="both")
     args = parser.parse_args()
     if args.child:
         mode, song, out, endpoint = args.child
         child(mode, song, out, endpoint or None)
         return
+    for tool in (["cli", "array"] if args.tool == "both" else [args.tool]):
+        compare(tool)
+
+
+def compare(tool: str) -> None:
+    shared_mode, alone_mode = ("cli-daemon", "cli-inprocess") if tool == "cli" else ("client", "inprocess")
 
     from engine import weights
     from tests.engine.engine_proc import EngineProcess, proc_rss_mb  # noqa: F401
@@ -85,14 +105,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="unbake-share-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
-    wall_ind, ind = run_tools("inprocess", songs, tmp, None, env)
-    # the same with a fixed 4 MiB mmap threshold: it lowers RSS, but in the daemon it made HT-Demucs 1.6x slower
-    wall_tuned, tuned = run_tools("inprocess", songs, tmp, None, {**env, "MALLOC_MMAP_THRESHOLD_": str(4 << 20)})
+    wall_ind, ind = run_tools(alone_mode, songs, tmp, None, env)
+    # the same with one malloc arena, as the daemon runs (engine.daemon.tune_heap: one arena, 32 MiB mmap threshold, no automatic trim)
+    wall_tuned, tuned = run_tools(alone_mode, songs, tmp, None, {**env, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)})
 
     endpoint = f"ipc://{tmp}/warm.sock"
     engine = EngineProcess(endpoint, "--preload", MODEL, log=tmp / "warm.log").start(timeout_s=120)
     try:
-        wall_warm, warm = run_tools("client", songs, tmp, endpoint, env)
+        wall_warm, warm = run_tools(shared_mode, songs, tmp, endpoint, env)
         daemon_peak_warm = engine.status()["peak_rss_mb"]
     finally:
         engine.stop()
@@ -102,7 +122,7 @@ def main() -> None:
     cold_engine = EngineProcess(cold_endpoint, log=tmp / "cold.log").start(timeout_s=120)
     try:
         start_s = time.perf_counter() - t0
-        wall_cold, cold = run_tools("client", songs, tmp, cold_endpoint, env)
+        wall_cold, cold = run_tools(shared_mode, songs, tmp, cold_endpoint, env)
         daemon_peak_cold = cold_engine.status()["peak_rss_mb"]
     finally:
         cold_engine.stop()
@@ -113,7 +133,8 @@ def main() -> None:
     rss_ind = sum(r["peak_rss_mb"] for r in ind)
     rss_warm = daemon_peak_warm + sum(r["peak_rss_mb"] for r in warm)
     rss_cold = daemon_peak_cold + sum(r["peak_rss_mb"] for r in cold)
-    print(f"4 tools, {MODEL}, songs: {', '.join(s.parent.name for s in songs)}; {os.cpu_count()} CPUs")
+    print(f"{tool} tools: 4 at once, {MODEL}, songs: {', '.join(s.parent.name for s in songs)}; "
+          f"{os.cpu_count()} CPUs")
     print(f"  independent: wall {wall_ind:.2f} s, peak RSS {each(ind)}"
           f" = {rss_ind:.0f} MB")
     for label, wall, daemon, clients in [("shared, warm daemon", wall_warm, daemon_peak_warm, warm),
@@ -123,9 +144,9 @@ def main() -> None:
               f"{each(clients)} = {rss:.0f} MB "
               f"(clients import torch: {any(r['torch'] for r in clients)})")
     rss_tuned = sum(r["peak_rss_mb"] for r in tuned)
-    print(f"  independent, a 4 MiB mmap threshold: wall {wall_tuned:.2f} s, peak RSS {each(tuned)} = {rss_tuned:.0f} MB")
+    print(f"  independent, the daemon heap policy: wall {wall_tuned:.2f} s, peak RSS {each(tuned)} = {rss_tuned:.0f} MB")
     print(f"  ratio RSS shared / independent: warm {rss_warm / rss_ind:.3f}, cold {rss_cold / rss_ind:.3f}; "
-          f"against independent runs with a 4 MiB mmap threshold: warm {rss_warm / rss_tuned:.3f}, "
+          f"against independent runs with the daemon heap policy too: warm {rss_warm / rss_tuned:.3f}, "
           f"cold {rss_cold / rss_tuned:.3f}")
     print(f"  ratio wall shared / independent: warm {wall_warm / wall_ind:.3f}, "
           f"cold (daemon start {start_s:.2f} s included) {(wall_cold + start_s) / wall_ind:.3f}")

@@ -119,3 +119,23 @@ def test_grid_validates_overrides():
         grid_for(model, segment_s=1000 / 8000 * 2)
     with pytest.raises(ValueError, match="overlap"):
         grid_for(model, overlap=1.0)
+
+
+def test_queued_segments_hold_no_audio_and_input_is_kept_until_they_run():
+    """take() returns segment positions only; the window is cut from the runner's input when the
+    segment runs, and the input before the next segment to run is dropped only then."""
+    from engine.apply import OverlapAdd
+    model = FixedWindowSeparator(segment_frames=1000)
+    segment, stride = grid_for(model, None, 0.25)
+    runner = OverlapAdd(model, segment, stride)
+    mix = torch.randn(2, 5000, generator=torch.Generator().manual_seed(0))
+    segs = runner.take(mix[:, :4000])
+    assert [s.k for s in segs] and not hasattr(segs[0], "window")
+    assert runner.inp_start == 0 and runner.inp.shape[1] == 4000  # nothing dropped yet
+    runner.run(segs)
+    assert runner.inp_start == max(0, len(segs) * stride - runner.context) > 0
+    runner.run(runner.take(mix[:, 4000:]))
+    runner.run(runner.take(final=True))
+    out = torch.cat([runner.ready()], dim=-1)
+    expected = apply_model(model, mix, overlap=0.25)
+    assert out.shape == expected.shape and float((out - expected).abs().max()) <= 1e-6
