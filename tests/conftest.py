@@ -46,3 +46,15 @@ def read(path) -> tuple[np.ndarray, int]:
     """float32 [channels, frames] and the sample rate."""
     data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     return np.ascontiguousarray(data.T), sr
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_daemon_at_the_users_endpoint():
+    """No test may start an engine at the user's real default endpoint (tests use private sockets)."""
+    from engine import protocol
+    endpoint = protocol.default_endpoint()
+    sock = Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
+    existed = sock is not None and sock.exists()
+    yield
+    if sock is not None and not existed and sock.exists():
+        pytest.fail(f"a test started an engine at the user's default endpoint {endpoint}")

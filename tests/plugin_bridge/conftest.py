@@ -57,9 +57,13 @@ def engine_endpoint(spleeter_repo, tmp_path_factory):
                 proc.wait()
 
 
-@pytest.fixture(autouse=True)
-def _cli_uses_test_engine(request, monkeypatch):
-    """CLI tests talk to the test daemon (started on first use), never to the user's default endpoint."""
+@pytest.fixture(scope="module", autouse=True)
+def _cli_uses_test_engine(request):
+    """CLI tests talk to the test daemon (started on first use), never to the user's default endpoint.
+    Module-scoped, so that it is in place before the modules' own module-scoped fixtures run."""
     if not request.node.path.name.startswith("test_cli_"):
+        yield
         return
-    monkeypatch.setenv("UNBAKE_ENDPOINT", request.getfixturevalue("engine_endpoint"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UNBAKE_ENDPOINT", request.getfixturevalue("engine_endpoint"))
+        yield
