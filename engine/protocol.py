@@ -25,7 +25,7 @@ Replies (header keys; every reply has ``v``, ``kind`` and ``re``)::
     status    {uptime_s, device, models, queue_depth, sessions, served, ...}      terminal
     models    {models: [{name, sources, installed, loaded}]}                      terminal
     ready     {session, model, stems, sample_rate, channels, model_sample_rate,
-               latency_samples, options}                                          terminal
+               latency_samples, options, weights_sha256}                          terminal
     progress  {session?, state, percent?, eta_s?}     keep-alive while a request is queued or running
     stems     {session, start, frames, channels, stems} + one PCM frame per stem, in ``stems`` order
     done      {session, frames_in, frames_out, final}                            terminal
@@ -34,6 +34,8 @@ Replies (header keys; every reply has ``v``, ``kind`` and ``re``)::
 
 Exactly one terminal reply answers each request. ``stems.start`` is the index (at the client's
 rate) of the block's first frame in the stem; blocks of a session come in order and without gaps.
+``weights_sha256`` in ``ready`` identifies the model's weights (``engine.registry.weights_sha256``:
+64 hex digits, or None where unknown; added in engine 0.1.0, older daemons leave it out).
 ``latency_samples`` in ``ready`` is how far the stem output may lag the input pushed: after a
 push's ``done``, the stems cover at least ``frames_in - latency_samples`` frames.
 """

@@ -7,6 +7,8 @@ their file name, exactly as demucs does.
 """
 from __future__ import annotations
 
+import hashlib
+from functools import lru_cache
 from pathlib import Path
 
 from . import weights
@@ -68,6 +70,42 @@ def load_model(name: str, repo=None, device="cpu"):
         return load_demucs_package(_local_demucs_file(name, root), device=device)
     raise UnknownModel(f"unknown model {name!r}; known: {', '.join(sorted(weights.catalog()))}"
                        f" (or put {name}.yaml / {name}-*.th in {root})")
+
+
+def weights_sha256(name: str, repo=None) -> str | None:
+    """The sha256 that identifies a model's weights (64 hex digits), or None where unknown.
+
+    Catalog model: its file's sha256 from the catalog (verified when the model was loaded); for a
+    model of several files (a demucs bag), the sha256 of the lines ``"NAME SHA256\\n"`` of its
+    files in catalog order. Outside the catalog: the sha256 of a ``--repo`` ``NAME-*.th`` package
+    (hashed once per file version); None for a ``NAME.yaml`` bag from ``--repo`` or an unknown name.
+    Never raises for a missing file (None).
+    """
+    spec = weights.catalog().get(name)
+    if spec is not None:
+        if len(spec.files) == 1:
+            return spec.files[0].sha256
+        return hashlib.sha256("".join(f"{f.name} {f.sha256}\n" for f in spec.files).encode()).hexdigest()
+    root = weights.repo_dir(repo)
+    if (root / f"{name}.yaml").is_file():
+        return None
+    found = sorted(root.glob(f"{name}-*.th")) + sorted(root.glob(f"{name}.th"))
+    if not found:
+        return None
+    try:
+        st = found[0].stat()
+    except OSError:
+        return None
+    return _file_sha256(str(found[0]), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str | None:
+    """sha256 of a file, cached by (path, size, mtime_ns)."""
+    try:
+        return weights.sha256_of(Path(path))
+    except OSError:
+        return None
 
 
 def default_model(repo=None) -> str:

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from . import devices, protocol as P, weights
+from . import devices, protocol as P, registry, weights
 from .cache import GB, ModelCache
 from .errors import BadRequest
 from .scheduler import Scheduler
@@ -78,7 +78,8 @@ class Service:
             raise
         return {"session": sid, "model": name, "stems": track.stems, "sample_rate": sample_rate,
                 "channels": channels, "model_sample_rate": net.sample_rate,
-                "latency_samples": track.latency_samples, "options": options}
+                "latency_samples": track.latency_samples, "options": options,
+                "weights_sha256": registry.weights_sha256(name, self.repo)}
 
     def models(self) -> list[dict]:
         loaded = set(self.cache.loaded())

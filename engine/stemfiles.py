@@ -87,14 +87,22 @@ Dests = Union[Mapping[str, Path], Callable[[Track], Mapping[str, Path]]]
 
 
 def stem_paths(out_dir: Path, model_name: str, track: Path, stems: list[str], fmt: OutputFormat,
-               template: str = DEFAULT_TEMPLATE) -> dict[str, Path]:
-    """OUT/MODEL/<template> for each stem (demucs' --filename variables: track, trackext, stem, ext)."""
+               template: str = DEFAULT_TEMPLATE, *, track_name: str | None = None,
+               variables: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """OUT/MODEL/<template> for each stem (demucs' --filename variables: track, trackext, stem, ext).
+
+    track_name: the value of ``{track}`` (default: the file name without its extension).
+    variables: more template variables (``unbake bounce`` adds ``parent``). Raises BadRequest.
+    """
     paths = {}
+    extra = dict(variables or {})
     for stem in stems:
         try:
-            rel = template.format(track=track.stem, trackext=track.suffix.lstrip("."), stem=stem, ext=fmt.ext)
+            rel = template.format(**{**extra, "track": track.stem if track_name is None else track_name,
+                                     "trackext": track.suffix.lstrip("."), "stem": stem, "ext": fmt.ext})
         except (KeyError, IndexError, ValueError) as e:
-            raise BadRequest(f"--filename {template!r}: unknown variable {e}; use track, trackext, stem, ext")
+            raise BadRequest(f"--filename {template!r}: unknown variable {e}; use "
+                             f"{', '.join(['track', 'trackext', 'stem', 'ext', *extra])}")
         paths[stem] = out_dir / model_name / rel
     if len(set(paths.values())) != len(paths):
         raise BadRequest(f"--filename {template!r} gives the same path to several stems; use {{stem}}")

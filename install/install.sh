@@ -2,7 +2,7 @@
 # Install unbake into a virtual environment and fetch the default model's weights.
 #
 #   bash install/install.sh            # runtime only, into ./.venv
-#   bash install/install.sh --test     # plus pytest and hypothesis
+#   bash install/install.sh --test     # plus pytest, hypothesis and jsonschema
 #   UNBAKE_VENV=/path/to/venv bash install/install.sh
 #
 # torch is installed first and pinned (torch==2.13.0): installing it through the package's

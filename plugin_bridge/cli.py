@@ -1,4 +1,5 @@
-"""``unbake`` command line. Subcommands: separate, serve, status, eval, fetch, models.
+"""``unbake`` command line. Subcommands: separate, serve, status, eval, fetch, models, chains, remix,
+bounce (``plugin_bridge.bounce``).
 
 ``separate`` goes through the engine daemon (started on demand) unless ``--in-process``; ``serve``
 runs the daemon; ``status`` asks a running one. This module imports no torch at import time, and the
@@ -111,6 +112,14 @@ def _separate_files(args, run_one) -> int:
 
 
 def cmd_separate(args) -> int:
+    if getattr(args, "chain", None):  # validated before any audio is read or any daemon contacted
+        args.chain_preset = _load_chain_arg(args)
+        if args.chain_preset is None:
+            return EXIT_USAGE
+        if args.in_process:
+            _err("--chain runs through the engine daemon: drop --in-process")
+            return EXIT_USAGE
+        args.model = args.model or args.chain_preset.model
     return _separate_in_process(args) if args.in_process else _separate_via_daemon(args)
 
 
@@ -187,7 +196,7 @@ def _separate_via_daemon(args) -> int:
             # One session opened and cancelled up front: the model is loaded, its name known, and a bad
             # model, stem or option is one line before any file is read (as in process).
             probe = clients[0].open(args.model, 44100, 2, **options)
-            name = probe.model
+            name, stems = probe.model, list(probe.stems)
             try:
                 probe.cancel()
             except UnbakeError:
@@ -195,6 +204,13 @@ def _separate_via_daemon(args) -> int:
         except UnbakeError as e:
             _err(str(e))
             return EXIT_FAILED
+        preset = getattr(args, "chain_preset", None)
+        if preset is not None:
+            try:
+                preset.check_stems(stems, name)
+            except UnbakeError as e:
+                _err(str(e))
+                return EXIT_USAGE
         if not args.quiet:
             print(f"model {name} on {device} (engine at {endpoint}) -> {Path(args.out) / name}", file=sys.stderr)
 
@@ -202,6 +218,9 @@ def _separate_via_daemon(args) -> int:
             def dests(model_name, stems):
                 return stem_paths(Path(args.out), model_name, path, stems, fmt, args.filename)
             try:
+                if preset is not None:  # --chain: the processed stems and their sum, `remix`
+                    return _chain_file(clients[-1], preset, path, name, stems, dests(name, [*stems, "remix"]),
+                                       fmt, progress, options)
                 report, _ = separate_file_via(clients[-1], path, dests, fmt, model=name, progress=progress,
                                               **options)
             except EngineUnavailable:
@@ -332,6 +351,133 @@ def cmd_models(args) -> int:
     return 0
 
 
+# -- chain presets (plugin_bridge/chains.py): `chains`, `remix`, `separate --chain` --------------
+
+def _load_chain_arg(args):
+    """The ``--chain`` preset, validated before any audio is read or any daemon contacted; None
+    (after its one-line error on stderr) when it cannot be used."""
+    from plugin_bridge.chains import ChainError, load_chain
+    try:
+        return load_chain(args.chain)
+    except ChainError as e:
+        _err(str(e))
+        return None
+
+
+class _ChainTrack:
+    """An ``engine.stemfiles.Track`` that runs a ``StemChain`` over the whole file at ``close``
+    (offline, reset=True): the processed stems (``keep_stems``) and their sum, ``remix``."""
+
+    def __init__(self, chain, stems: list[str], sample_rate: int, where: str, keep_stems: bool = True):
+        if "remix" in stems:
+            from engine.errors import BadRequest
+            raise BadRequest("the model has a stem named 'remix': it would collide with the remix file")
+        self.chain, self.sample_rate, self.where = chain, sample_rate, where
+        self.stems = [*stems, "remix"] if keep_stems else ["remix"]
+        self.blocks: list = []
+        self.frames = 0
+
+    def push(self, block):
+        from engine import audio
+        self.blocks.append(audio.validate(block, self.where, self.frames, self.sample_rate))
+        self.frames += block.shape[-1]
+        return {}
+
+    def close(self):
+        import numpy as np
+        from engine.errors import BadAudio
+        x, self.blocks = np.concatenate(self.blocks, axis=1), []
+        stems = self.chain.process_stems(x, self.sample_rate)
+        remix = np.zeros_like(x)
+        for stem, y in stems.items():
+            if not np.isfinite(y).all():
+                raise BadAudio(f"{self.where}: the chain of stem {stem!r} gave NaN or Inf samples (a plugin "
+                               f"parameter that does not suit {self.sample_rate} Hz?)")
+            remix += y
+        out = {s: stems[s] for s in self.stems if s != "remix"}
+        out["remix"] = remix
+        return out
+
+
+def _chain_file(client, preset, path, model, stems, dests, fmt, progress, options):
+    """One file through ``preset`` into ``dests`` ({stem: path}, with ``remix``); a TrackReport."""
+    from engine.stemfiles import write_track
+
+    def open_track(sample_rate, channels, where):
+        chain = preset.stem_chain(client, model, stems=stems, **options)
+        return _ChainTrack(chain, stems, sample_rate, where, keep_stems=set(dests) != {"remix"})
+
+    return write_track(Path(path), dests, fmt, open_track, progress=progress)
+
+
+def cmd_chains(args) -> int:
+    import json
+    from plugin_bridge.chains import list_chains
+    bad = []
+    presets = list_chains(on_error=bad.append)
+    if args.json:
+        print(json.dumps([p.to_dict() for p in presets], indent=2))
+    else:
+        for p in presets:
+            needs = f"; needs stems {', '.join(p.requires_stems)}" if p.requires_stems else ""
+            print(f"{p.name:<14} {p.description}")
+            print(f"{'':<14} model {p.model or 'any'}{needs}; {p.path}")
+    for e in bad:
+        _err(str(e))
+    return EXIT_FAILED if bad else 0
+
+
+def cmd_remix(args) -> int:
+    from engine.errors import UnbakeError
+    from engine.stemfiles import OutputFormat
+    from plugin_bridge.chains import ChainError, resolve_stems
+    from plugin_bridge.client import Client
+    preset = _load_chain_arg(args)
+    if preset is None:
+        return EXIT_USAGE
+    out, path = Path(args.out), Path(args.file)
+    ext = out.suffix.lower().lstrip(".")
+    if ext not in ("wav", "flac", "mp3"):
+        _err(f"{out}: unknown output format {out.suffix or '(no extension)'!r}; use .wav, .flac or .mp3")
+        return EXIT_USAGE
+    depth = 16 if args.int16 else 24 if args.int24 or ext == "flac" else 32
+    options = {k: v for k, v in dict(segment_s=args.segment, shifts=args.shifts).items() if v is not None}
+    try:
+        fmt = OutputFormat(ext=ext, bit_depth=depth)
+        endpoint = _endpoint(args)
+    except (OSError, UnbakeError) as e:
+        _err(str(e))
+        return EXIT_USAGE
+    client = Client(endpoint, autostart=True, daemon_args=_daemon_args(args))
+    try:
+        def open_track(sample_rate, channels, where):
+            name, stems = resolve_stems(client, args.model or preset.model, **options)
+            chain = preset.stem_chain(client, name, stems=stems, **options)
+            if not args.quiet:
+                print(f"{path}: chain {preset.name}, model {name}, stems {', '.join(stems)}", file=sys.stderr)
+            return _ChainTrack(chain, stems, sample_rate, where, keep_stems=False)
+
+        from engine.stemfiles import write_track
+        report = write_track(path, {"remix": out}, fmt, open_track)
+    except ChainError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    except UnbakeError as e:
+        msg = str(e)
+        _err(msg if msg.startswith(str(path)) else f"{path}: {msg}")
+        return EXIT_FAILED
+    finally:
+        client.close()
+    r = report.stems["remix"]
+    if r.clipped_samples:
+        total = report.frames * report.channels
+        _warn(f"{out}: {r.clipped_samples} samples ({100 * r.clipped_samples / total:.3f}%) clipped to "
+              f"[-1, 1] (peak {r.peak:.2f}); write a float32 .wav to keep them")
+    if not args.quiet:
+        print(f"{path} -> {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unbake", description="Take songs apart into stems.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -362,7 +508,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filename", default="{track}/{stem}.{ext}",
                    help="output path under OUT/MODEL; variables: track, trackext, stem, ext")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
+    p.add_argument("--chain", default=None, metavar="NAME_OR_PATH",
+                   help="a chain preset (`unbake chains`): write the processed stems and their sum, remix")
     p.set_defaults(func=cmd_separate)
+
+    p = sub.add_parser("chains", help="list the chain presets (presets/chains, $UNBAKE_CHAINS)")
+    p.add_argument("--json", action="store_true", help="print the presets as JSON")
+    p.set_defaults(func=cmd_chains)
+
+    p = sub.add_parser("remix", help="separate a file and remix its stems through a chain preset",
+                       description="Separate FILE through the engine daemon, run each stem through the "
+                                   "chain preset's effects, and write the sum to OUT (same rate, channels "
+                                   "and length; float32 .wav, 24-bit .flac, or .mp3).")
+    p.add_argument("--chain", required=True, metavar="NAME_OR_PATH", help="a chain preset (`unbake chains`)")
+    p.add_argument("file", help="audio file (wav, flac, mp3, ogg, aiff)")
+    p.add_argument("-o", "--out", required=True, help="output file: .wav (float32), .flac (24-bit) or .mp3")
+    p.add_argument("-n", "--name", dest="model", default=None,
+                   help="model name (default: the preset's model, else the engine's default)")
+    p.add_argument("--endpoint", default=None, metavar="ENDPOINT",
+                   help="the engine's address (default: $UNBAKE_ENDPOINT, else the per-user socket)")
+    p.add_argument("--segment", type=float, default=None, metavar="S", help="segment length in seconds")
+    p.add_argument("--shifts", type=int, default=None, metavar="N", help="average N time-shifted passes")
+    depth = p.add_mutually_exclusive_group()
+    depth.add_argument("--int16", action="store_true", help="16-bit integer output (.wav, .flac)")
+    depth.add_argument("--int24", action="store_true", help="24-bit integer output (.wav, .flac)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no messages")
+    p.set_defaults(func=cmd_remix, device=None, fp16=False, jobs=None, batch_segments=None, repo=None)
+
+    from plugin_bridge.bounce import add_parser as add_bounce_parser  # `unbake bounce` (plugin_bridge/bounce.py)
+    add_bounce_parser(sub)
 
     p = sub.add_parser("serve", help="run the engine daemon in the foreground (see `unbake serve -h`)",
                        description="Run the unbake engine daemon: it keeps models warm and serves "

@@ -251,7 +251,9 @@ class Session:
     Attributes (from the daemon's ``ready``): ``id`` (str), ``model`` (str), ``stems`` (list[str]),
     ``sample_rate`` (int, Hz, the track's), ``channels`` (1 or 2), ``model_sample_rate`` (int, Hz),
     ``latency_samples`` (int, at ``sample_rate``: after N frames pushed at least N - latency_samples
-    frames of every stem have come back), ``options`` (dict, as the daemon applied them);
+    frames of every stem have come back), ``options`` (dict, as the daemon applied them),
+    ``weights_sha256`` (str, 64 hex digits identifying the model's weights, or None where the daemon
+    does not know it: ``engine.registry.weights_sha256``);
     ``frames_in`` / ``frames_out``: frames pushed / stem frames received so far.
 
     ``push(block)`` sends float [channels, frames] audio (never clipped nor rescaled; float32 on the
@@ -282,6 +284,8 @@ class Session:
         self.model: str | None = ready.get("model")
         self.model_sample_rate: int | None = ready.get("model_sample_rate")
         self.options: dict = dict(ready.get("options") or {})
+        sha = ready.get("weights_sha256")
+        self.weights_sha256: str | None = sha if isinstance(sha, str) else None
         self.frames_in = 0
         self.frames_out = 0
         self.last_done: dict | None = None
