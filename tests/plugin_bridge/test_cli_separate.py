@@ -220,7 +220,9 @@ def test_status_json_and_served_count(song_excerpt, spleeter_repo, tmp_path):
     assert r.returncode == 0, r.stderr
     after = json.loads(unbake("status", "--json").stdout)
     assert after["served"] > before["served"]
-    assert after["sessions"] == 0  # the separation's session is closed
+    # the separation's session is closed (other tests' sessions may still be open in this shared
+    # engine, e.g. the bounce killed mid-run, until their TTL frees them)
+    assert after["sessions"] <= before["sessions"]
     assert MODEL in [m["name"] for m in after["models"]]
     r = unbake("status")  # for people
     assert r.returncode == 0 and MODEL in r.stdout and str(after["pid"]) in r.stdout
