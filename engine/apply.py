@@ -304,11 +304,16 @@ class Streamer:
 
     shifts: number of randomly time-shifted passes averaged (0 or 1 shift offsets drawn from
     ``random.Random(seed)``, each in [0, 0.5 s], as demucs' ``--shifts``); deterministic for a seed.
+    model_options: options of the model itself (e.g. spleeter's ``wiener_iterations``), set on a
+    shallow copy of each member that shares its weights (``member.with_options``); ValueError
+    for a model that takes none, or bad values. They act within each segment's window, so
+    streaming still equals offline.
     """
 
     def __init__(self, model, *, segment_s: float | None = None, overlap: float | None = None,
                  shifts: int = 0, seed: int = 0, batch_segments: int = 1,
-                 transition_power: float = 1.0, dtype: torch.dtype | None = None):
+                 transition_power: float = 1.0, dtype: torch.dtype | None = None,
+                 model_options: dict | None = None):
         if transition_power < 1:
             raise ValueError("transition_power must be >= 1")
         if shifts < 0:
@@ -332,9 +337,15 @@ class Streamer:
                 # shallow copy shares the weights and leaves the (shared, warm) model untouched.
                 member = copy.copy(member)
                 member.set_segment(member_segment)
+            model_key = ()
+            if model_options:
+                if not hasattr(member, "with_options"):
+                    raise ValueError(f"{member.name} takes no options ({', '.join(sorted(model_options))})")
+                member = member.with_options(**model_options)
+                model_key = tuple((k, getattr(member, k)) for k in sorted(model_options))
             seg, stride = grid_for(member, member_segment, overlap)
-            # Sessions that use the same network on the same grid may share forward passes.
-            key = (id(original), seg, str(dtype))
+            # Sessions that use the same network on the same grid (and options) may share forward passes.
+            key = (id(original), seg, str(dtype)) + model_key
             prefixes = [0] if shifts == 0 else [
                 int(MAX_SHIFT_S * member.sample_rate) - rng.randint(0, int(MAX_SHIFT_S * member.sample_rate))
                 for _ in range(shifts)]

@@ -71,7 +71,13 @@ TERMINAL = frozenset({K_HELLO, K_STATUS, K_MODELS, K_READY, K_DONE, K_ERROR})
 OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "segment_s": (int, float), "overlap": (int, float), "shifts": (int,), "seed": (int,),
     "two_stems": (str,), "transition_power": (int, float),
+    "residual": (bool, str),  # engine.ensemble.ResidualTrack: true, or the stem that takes it
+    # the model's own options (engine.sessions.MODEL_OPTIONS; spleeter-2stems only)
+    "full_band": (bool,), "mask_exponent": (int, float), "wiener_iterations": (int,), "tta": (list, tuple),
 }
+MAX_WIENER_ITERATIONS = 10
+MASK_EXPONENT_RANGE = (0.5, 8.0)
+TTA_CHOICES = ("swap", "polarity")
 MAX_SHIFTS = 20
 MAX_ID = 2 ** 63 - 1
 
@@ -265,7 +271,7 @@ def check_options(options: dict, where: str) -> dict:
         if value is None:
             continue
         types = OPTION_TYPES[key]
-        if isinstance(value, bool) or not isinstance(value, types):
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
             raise ProtocolError(f"{where}: option {key!r} must be {' or '.join(t.__name__ for t in types)}, "
                                 f"got {type(value).__name__}")
         if isinstance(value, float) and not math.isfinite(value):
@@ -281,6 +287,18 @@ def check_options(options: dict, where: str) -> dict:
         raise BadRequest(f"{where}: seed must be in [0, 2**63)")
     if "transition_power" in out and not 1 <= out["transition_power"] <= 16:
         raise BadRequest(f"{where}: transition_power must be in [1, 16]")
+    if isinstance(out.get("residual"), str) and not 0 < len(out["residual"]) <= 64:
+        raise BadRequest(f"{where}: residual must be true, false or a stem name")
+    if "wiener_iterations" in out and not 0 <= out["wiener_iterations"] <= MAX_WIENER_ITERATIONS:
+        raise BadRequest(f"{where}: wiener_iterations must be in [0, {MAX_WIENER_ITERATIONS}]")
+    lo, hi = MASK_EXPONENT_RANGE
+    if "mask_exponent" in out and not lo <= out["mask_exponent"] <= hi:
+        raise BadRequest(f"{where}: mask_exponent must be in [{lo:g}, {hi:g}]")
+    if "tta" in out:
+        tta = out["tta"]
+        if len(tta) > len(TTA_CHOICES) or any(not isinstance(t, str) or t not in TTA_CHOICES for t in tta):
+            raise BadRequest(f"{where}: tta must be a list of {', '.join(map(repr, TTA_CHOICES))}, got {list(tta)!r}")
+        out["tta"] = list(tta)
     if "two_stems" in out and not 0 < len(out["two_stems"]) <= 64:
         raise BadRequest(f"{where}: two_stems must name a stem")
     return out

@@ -25,11 +25,17 @@ def output_stems(sources: list[str], two_stems: str | None) -> list[str]:
     return [two_stems, f"no_{two_stems}"]
 
 
+# Session options that go to the model (``with_options``), not to the Streamer.
+MODEL_OPTIONS = ("full_band", "mask_exponent", "wiener_iterations", "tta")
+
+
 class TrackSeparator:
     """Separate one track fed in blocks.
 
     model: a Separator or Bag. sample_rate, channels: the track's (channels 1 or 2).
-    options: segment_s, overlap, shifts, seed, batch_segments, dtype (see engine.apply.Streamer).
+    options: segment_s, overlap, shifts, seed, batch_segments, dtype (see engine.apply.Streamer),
+    and the model's own options (``MODEL_OPTIONS``: spleeter's full_band, mask_exponent,
+    wiener_iterations, tta; see ``Spleeter.with_options``).
     two_stems: a source name, to return it and ``no_<name>`` (the sum of the others).
 
     ``push(block)`` takes float32 [channels, n] and returns {stem: float32 [channels, m]} of the
@@ -45,7 +51,10 @@ class TrackSeparator:
         self.where = where
         self.stems = output_stems(list(model.sources), two_stems)
         self.two_stems = two_stems
-        self.streamer = Streamer(model, **options)
+        model_options = {k: options.pop(k) for k in MODEL_OPTIONS if options.get(k) is not None}
+        for k in MODEL_OPTIONS:
+            options.pop(k, None)
+        self.streamer = Streamer(model, model_options=model_options or None, **options)
         self.to_model = audio.Resampler(self.sample_rate, model.sample_rate, model.audio_channels)
         self.from_model = audio.Resampler(model.sample_rate, self.sample_rate,
                                           len(model.sources) * model.audio_channels)
