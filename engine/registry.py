@@ -61,7 +61,18 @@ def load_model(name: str, repo=None, device="cpu"):
                     raise WeightsMissing(f"{name}: bag member {sig} is not among the catalog's files")
                 return by_sig[sig]
             return load_demucs_bag(_demucs_yaml(spec.bag, root), resolve, device=device)
+        if spec.family == "roformer":
+            from .models.roformer import load_roformer
+            ckpt = [p for n, p in paths.items() if not n.endswith((".yaml", ".yml"))]
+            cfg = [p for n, p in paths.items() if n.endswith((".yaml", ".yml"))]
+            if len(ckpt) != 1 or len(cfg) != 1:
+                raise UnknownModel(f"{name}: a roformer catalog entry lists one checkpoint and one yaml")
+            return load_roformer(ckpt[0], cfg[0], device=device, name=name)
         raise UnknownModel(f"{name}: unknown family {spec.family!r} in the catalog")
+    if (root / f"{name}.ckpt").is_file() and (root / f"{name}.yaml").is_file():
+        # An MSST pair (NAME.ckpt + NAME.yaml): no checksum to check it against (like a bag yaml).
+        from .models.roformer import load_roformer
+        return load_roformer(root / f"{name}.ckpt", root / f"{name}.yaml", device=device, name=name)
     if (root / f"{name}.yaml").is_file():
         from .models.htdemucs import load_demucs_bag
         return load_demucs_bag(root / f"{name}.yaml", lambda sig: _local_demucs_file(sig, root), device=device)
@@ -69,7 +80,7 @@ def load_model(name: str, repo=None, device="cpu"):
         from .models.htdemucs import load_demucs_package
         return load_demucs_package(_local_demucs_file(name, root), device=device)
     raise UnknownModel(f"unknown model {name!r}; known: {', '.join(sorted(weights.catalog()))}"
-                       f" (or put {name}.yaml / {name}-*.th in {root})")
+                       f" (or put {name}.yaml / {name}-*.th / {name}.ckpt + {name}.yaml in {root})")
 
 
 def weights_sha256(name: str, repo=None) -> str | None:
@@ -87,6 +98,16 @@ def weights_sha256(name: str, repo=None) -> str | None:
             return spec.files[0].sha256
         return hashlib.sha256("".join(f"{f.name} {f.sha256}\n" for f in spec.files).encode()).hexdigest()
     root = weights.repo_dir(repo)
+    if (root / f"{name}.ckpt").is_file() and (root / f"{name}.yaml").is_file():
+        try:
+            ck, ym = (root / f"{name}.ckpt").stat(), (root / f"{name}.yaml").stat()
+        except OSError:
+            return None
+        a = _file_sha256(str(root / f"{name}.ckpt"), ck.st_size, ck.st_mtime_ns)
+        b = _file_sha256(str(root / f"{name}.yaml"), ym.st_size, ym.st_mtime_ns)
+        if a is None or b is None:
+            return None
+        return hashlib.sha256(f"{name}.ckpt {a}\n{name}.yaml {b}\n".encode()).hexdigest()
     if (root / f"{name}.yaml").is_file():
         return None
     found = sorted(root.glob(f"{name}-*.th")) + sorted(root.glob(f"{name}.th"))
