@@ -26,14 +26,22 @@ def _read(path: Path) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(data.T), sr
 
 
-def evaluate(model, root: Path, log=print, **options) -> dict:
-    """{"model", "songs": {song: {stem: sdr_db}}, "mean": {stem: sdr_db}, "seconds", "audio_seconds"}."""
+def evaluate(model, root: Path, log=print, open_track=None, **options) -> dict:
+    """{"model", "songs": {song: {stem: sdr_db}}, "mean": {stem: sdr_db}, "seconds", "audio_seconds"}.
+
+    model: a Separator or Bag, separated with ``options``; or None with ``open_track(sample_rate,
+    channels, where) -> track`` (a TrackSeparator-like track: a preset, an ensemble), pushed whole."""
     songs = {}
     audio_s = compute_s = 0.0
     for song in song_dirs(root):
         mix, sr = _read(song / "mixture.wav")
         t0 = time.perf_counter()
-        est = separate_array(model, mix, sr, **options)
+        if open_track is not None:
+            track = open_track(sr, mix.shape[0], str(song / "mixture.wav"))
+            parts = [track.push(mix), track.close()]
+            est = {s: np.concatenate([p[s] for p in parts], axis=-1) for s in track.stems}
+        else:
+            est = separate_array(model, mix, sr, **options)
         compute_s += time.perf_counter() - t0
         audio_s += mix.shape[1] / sr
         if "accompaniment" not in est and "vocals" in est:

@@ -3,15 +3,17 @@ sessions. The daemon (socket, validation, replies) imports this lazily and never
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Callable
 
 import torch
 
-from . import devices, protocol as P, registry, weights
+from . import devices, presets, protocol as P, registry, weights
 from .cache import GB, ModelCache
 from .errors import BadRequest
 from .scheduler import Scheduler
+from .ensemble import ResidualTrack, open_track
 from .sessions import TrackSeparator
 
 WARMUP_S = 1.0
@@ -62,16 +64,23 @@ class Service:
 
     def open(self, sid: str, model: str | None, sample_rate: int, channels: int, options: dict) -> dict:
         """Load (or share) the model, start the session's track, register it with the scheduler.
-        Returns the ``ready`` reply's fields. Raises ModelError, BadRequest, QueueFull."""
+        ``model`` may be a separation preset (engine.presets): its models are loaded, an ensemble
+        is an engine.ensemble.EnsembleTrack. Returns the ``ready`` reply's fields.
+        Raises ModelError, BadRequest, QueueFull."""
+        if presets.is_preset(model):
+            return self._open_preset(sid, model, sample_rate, channels, options)
         name, net = self.cache.acquire(model)
         try:
             opts = dict(options)
             two_stems = opts.pop("two_stems", None)
+            residual = opts.pop("residual", False)
             try:
                 track = TrackSeparator(net, sample_rate, channels, two_stems=two_stems,
                                        where=f"session {sid}", dtype=self.dtype, **opts)
             except ValueError as e:
                 raise BadRequest(f"session {sid}: {e}") from None
+            if residual:
+                track = ResidualTrack(track, residual)
             self.scheduler.add(sid, track, name, on_removed=lambda: self.cache.release(name))
         except BaseException:
             self.cache.release(name)
@@ -80,6 +89,33 @@ class Service:
                 "channels": channels, "model_sample_rate": net.sample_rate,
                 "latency_samples": track.latency_samples, "options": options,
                 "weights_sha256": registry.weights_sha256(name, self.repo)}
+
+    def _open_preset(self, sid: str, preset: str, sample_rate: int, channels: int, options: dict) -> dict:
+        plan = presets.resolve(preset, options, self.repo)
+        held: list[str] = []
+        try:
+            models = {}
+            for m in dict.fromkeys(m.model for m in plan.members):
+                name, models[m] = self.cache.acquire(m)
+                held.append(name)
+            track = open_track(plan, models, sample_rate, channels, where=f"session {sid}", dtype=self.dtype)
+
+            def release() -> None:
+                for name in held:
+                    self.cache.release(name)
+            self.scheduler.add(sid, track, preset, on_removed=release)
+        except BaseException:
+            for name in held:
+                self.cache.release(name)
+            raise
+        names = list(models)
+        sha = [registry.weights_sha256(m, self.repo) for m in names]
+        return {"session": sid, "model": preset, "stems": track.stems, "sample_rate": sample_rate,
+                "channels": channels, "model_sample_rate": models[names[0]].sample_rate,
+                "latency_samples": track.latency_samples, "options": options,
+                "weights_sha256": sha[0] if len(sha) == 1 else (
+                    None if None in sha else hashlib.sha256("".join(
+                        f"{m} {h}\n" for m, h in zip(names, sha)).encode()).hexdigest())}
 
     def models(self) -> list[dict]:
         loaded = set(self.cache.loaded())

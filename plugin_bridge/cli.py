@@ -30,14 +30,16 @@ def _warn(msg: str) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--name", dest="model", default=None,
-                   help="model name (default: htdemucs if installed, else spleeter-2stems)")
+                   help="model or separation preset name (`unbake models`, `unbake presets`; default: "
+                        "htdemucs if installed, else spleeter-2stems)")
     p.add_argument("--repo", default=None, help="folder of model weights (default: $UNBAKE_REPO or the "
                                                 "user cache dir)")
     p.add_argument("--segment", type=float, default=None, metavar="S", help="segment length in seconds")
     p.add_argument("--overlap", type=float, default=None, metavar="O",
                    help="overlap between segments, fraction (default: the model's, 0.25 for demucs)")
-    p.add_argument("--shifts", type=int, default=0, metavar="N",
-                   help="average N randomly time-shifted passes (deterministic, seed 0)")
+    p.add_argument("--shifts", type=int, default=None, metavar="N",
+                   help="average N randomly time-shifted passes (deterministic, seed 0; default 0)")
+    _add_quality_args(p)
     p.add_argument("-d", "--device", default=None, help="cpu, cuda, cuda:N, mps (default: cuda if available)")
     p.add_argument("--fp16", action="store_true", help="half precision on CUDA")
     p.add_argument("-j", "--jobs", type=int, default=None, help="CPU threads for the network")
@@ -46,19 +48,68 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "engine's --max-batch through the daemon)")
 
 
+def _add_quality_args(p: argparse.ArgumentParser) -> None:
+    """The model's own options (spleeter-2stems; see tests/bench/bench_quality.py)."""
+    p.add_argument("--full-band", action="store_true", default=None,
+                   help="spleeter: extend the masks above 11 kHz (stems sum to the mix)")
+    p.add_argument("--mask-exponent", type=float, default=None, metavar="P",
+                   help="spleeter: power of the ratio masks (default 2; 1 with --wiener-iterations)")
+    p.add_argument("--wiener-iterations", type=int, default=None, metavar="N",
+                   help="spleeter: multichannel Wiener filter, N EM iterations per segment (default 0)")
+    p.add_argument("--tta", default=None, metavar="LIST",
+                   help="spleeter: test-time augmentations averaged, comma-separated: swap, polarity")
+
+
+def _model_options(args) -> dict:
+    """The model options given on the command line, validated (BadRequest)."""
+    from engine.protocol import check_options
+    tta = getattr(args, "tta", None)
+    options = dict(full_band=getattr(args, "full_band", None), mask_exponent=getattr(args, "mask_exponent", None),
+                   wiener_iterations=getattr(args, "wiener_iterations", None),
+                   tta=None if tta is None else [t.strip() for t in tta.split(",") if t.strip()])
+    return check_options({k: v for k, v in options.items() if v is not None}, "options")
+
+
 def _load(args):
     """(model, options) from the common arguments; raises UnbakeError."""
     import torch
-    from engine import devices, registry
+    from engine import devices, presets, registry
+    from engine.errors import BadRequest
     if args.jobs:
         torch.set_num_threads(args.jobs)
     name = args.model or registry.default_model(args.repo)
     device = devices.pick_device(args.device)
     dtype = devices.pick_dtype(device, args.fp16)
+    if presets.is_preset(name):
+        raise BadRequest(f"{name} is a separation preset: `unbake eval` takes a model name")
     model = registry.load_model(name, repo=args.repo, device=device)
-    options = dict(segment_s=args.segment, overlap=args.overlap, shifts=args.shifts,
-                   batch_segments=args.batch_segments or 1, dtype=dtype)
+    options = dict(segment_s=args.segment, overlap=args.overlap, shifts=args.shifts or 0,
+                   batch_segments=args.batch_segments or 1, dtype=dtype, **_model_options(args))
     return name, model, options, device
+
+
+def _load_track(args):
+    """In process, for a model or separation preset name (engine.presets): (name, open_track(rate,
+    channels, where) -> a TrackSeparator-like track, device); raises UnbakeError."""
+    import torch
+    from engine import devices, presets, registry
+    from engine.ensemble import open_track
+    if args.jobs:
+        torch.set_num_threads(args.jobs)
+    name = args.model or registry.default_model(args.repo)
+    device = devices.pick_device(args.device)
+    dtype = devices.pick_dtype(device, args.fp16)
+    caller = dict(segment_s=args.segment, overlap=args.overlap, shifts=args.shifts,
+                  two_stems=getattr(args, "two_stems", None), residual=getattr(args, "residual", None) or None,
+                  **_model_options(args))
+    plan = presets.resolve(name, caller, args.repo)
+    models = {m: registry.load_model(m, repo=args.repo, device=device)
+              for m in dict.fromkeys(m.model for m in plan.members)}
+
+    def make(sample_rate, channels, where):
+        return open_track(plan, models, sample_rate, channels, where=where, dtype=dtype,
+                          batch_segments=args.batch_segments or 1)
+    return name, make, device
 
 
 def _output_format(args):
@@ -125,12 +176,11 @@ def cmd_separate(args) -> int:
 
 def _separate_in_process(args) -> int:
     from engine.errors import UnbakeError
-    from engine.separate import separate_file, stem_paths
-    from engine.sessions import output_stems
+    from engine.separate import stem_paths, write_track
     try:
         fmt = _output_format(args)
-        name, model, options, device = _load(args)
-        stems = output_stems(list(model.sources), args.two_stems)
+        name, open_track, device = _load_track(args)
+        stems = open_track(44100, 2, "options").stems  # a bad stem or option: one line, before any audio
     except UnbakeError as e:
         _err(str(e))
         return EXIT_FAILED
@@ -139,7 +189,7 @@ def _separate_in_process(args) -> int:
 
     def run_one(path, progress):
         dests = stem_paths(Path(args.out), name, path, stems, fmt, args.filename)
-        return separate_file(model, path, dests, fmt, two_stems=args.two_stems, progress=progress, **options)
+        return write_track(path, dests, fmt, open_track, progress=progress)
 
     return _separate_files(args, run_one)
 
@@ -170,8 +220,14 @@ def _separate_via_daemon(args) -> int:
     from engine.stemfiles import stem_paths
     from plugin_bridge.client import Client
     from plugin_bridge.files import separate_file_via
-    options = dict(segment_s=args.segment, overlap=args.overlap, shifts=args.shifts, two_stems=args.two_stems)
+    options = dict(segment_s=args.segment, overlap=args.overlap, shifts=args.shifts, two_stems=args.two_stems,
+                   residual=args.residual or None)
     options = {k: v for k, v in options.items() if v is not None}
+    try:
+        options.update(_model_options(args))
+    except UnbakeError as e:
+        _err(str(e))
+        return EXIT_USAGE
     try:
         fmt = _output_format(args)
         endpoint = _endpoint(args)
@@ -309,9 +365,15 @@ def cmd_eval(args) -> int:
     if not root.is_dir() or not song_dirs(root):
         _err(f"{root}: no song folders with a mixture.wav")
         return EXIT_FAILED
+    from engine import presets
     try:
-        name, model, options, _ = _load(args)
-        result = evaluate(model, root, log=lambda s: print(s, file=sys.stderr), **options)
+        if args.model and presets.is_preset(args.model):  # a preset (an ensemble, options): its tracks
+            name, make, _ = _load_track(args)
+            result = evaluate(None, root, log=lambda s: print(s, file=sys.stderr), open_track=make)
+            options = {"preset": name}
+        else:
+            name, model, options, _ = _load(args)
+            result = evaluate(model, root, log=lambda s: print(s, file=sys.stderr), **options)
     except UnbakeError as e:
         _err(str(e))
         return EXIT_FAILED
@@ -327,8 +389,16 @@ def cmd_eval(args) -> int:
 def cmd_fetch(args) -> int:
     from engine import weights
     from engine.errors import UnbakeError
+    from engine import presets
     failed = 0
-    for name in args.names:
+    names = []
+    for name in args.names:  # a preset name: the models it would use (the first candidate's)
+        try:
+            names += [m for m, _ in presets.missing_files(name, args.repo)] if presets.is_preset(name) else [name]
+        except UnbakeError as e:
+            failed += 1
+            _err(str(e))
+    for name in dict.fromkeys(names):
         try:
             paths = weights.fetch(name, args.repo, log=lambda s: print(s, file=sys.stderr))
             print(f"{name}: installed in {paths[0].parent}")
@@ -336,6 +406,45 @@ def cmd_fetch(args) -> int:
             failed += 1
             _err(str(e))
     return EXIT_FAILED if failed else 0
+
+
+def cmd_presets(args) -> int:
+    """Every separation preset: installed yes/no, its models, and what `unbake fetch` would download."""
+    from engine import presets, weights
+    from engine.errors import UnbakeError
+    catalog = weights.catalog()
+    try:
+        found = presets.list_presets()
+        rows = []
+        for p in found:
+            missing = presets.missing_files(p, args.repo)
+            rows.append({"name": p.name, "installed": presets.installed(p, args.repo),
+                         "description": p.description, "kind": "candidates" if p.candidates else
+                         (p.algorithm and f"ensemble {p.algorithm}") or "model",
+                         "models": list(p.candidates or p.models), "path": str(p.path),
+                         "fetch": [{"model": m, "bytes": b} for m, b in missing]})
+    except UnbakeError as e:
+        _err(str(e))
+        return EXIT_FAILED
+    if args.json:
+        import json
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['name']:<15} installed {'yes' if r['installed'] else 'no ':<4} {r['description']}")
+        uses = "first installed of" if r["kind"] == "candidates" else r["kind"]
+        line = f"{'':<15} {uses}: {', '.join(r['models'])}"
+        unknown = [m for m in r["models"] if r["kind"] != "candidates" and m not in catalog
+                   and not presets._model_installed(m, args.repo)]
+        if unknown:
+            line += f"; not in the catalog: {', '.join(unknown)}"
+        if r["fetch"]:
+            total = sum(f["bytes"] for f in r["fetch"])
+            line += (f"; `unbake fetch {r['name']}` downloads "
+                     + ", ".join(f"{f['model']} ({f['bytes'] / 1e6:.0f} MB)" for f in r["fetch"])
+                     + f", {total / 1e6:.0f} MB")
+        print(line)
+    return 0
 
 
 def cmd_models(args) -> int:
@@ -498,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", help="audio files (wav, flac, mp3, ogg, aiff)")
     p.add_argument("-o", "--out", default="separated", help="output folder (default: ./separated)")
     p.add_argument("--two-stems", default=None, metavar="STEM", help="write STEM and no_STEM only")
+    p.add_argument("--residual", action="store_true",
+                   help="stems sum exactly to the input: the input minus the other stems goes to the "
+                        "complementary stem (accompaniment, instrumental, no_STEM, else other, else the last)")
     depth = p.add_mutually_exclusive_group()
     depth.add_argument("--float32", action="store_true", help="32-bit float WAV (keeps peaks above 0 dBFS)")
     depth.add_argument("--int24", action="store_true", help="24-bit integer output")
@@ -558,13 +670,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long to wait for an answer (default 5)")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("eval", help="SDR of a model on song folders (mixture.wav + stem files)")
+    p = sub.add_parser("eval", help="SDR of a model or preset on song folders (mixture.wav + stem files)")
     _add_model_args(p)
+    p.add_argument("--preset", dest="model", metavar="NAME", help="a separation preset (`unbake presets`); "
+                                                                  "the same as -n NAME")
     p.add_argument("dir", help="folder of song folders")
     p.add_argument("--json", default=None, help="where to write the JSON (default: ./eval-MODEL.json)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("fetch", help="download and verify model weights")
+    p = sub.add_parser("presets", help="list the separation presets (presets/separation, "
+                                       "$UNBAKE_SEPARATION_PRESETS), installed or not")
+    p.add_argument("--repo", default=None)
+    p.add_argument("--json", action="store_true", help="print the presets as JSON")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("fetch", help="download and verify model weights (model or preset names)")
     p.add_argument("names", nargs="+")
     p.add_argument("--repo", default=None)
     p.set_defaults(func=cmd_fetch)

@@ -32,6 +32,19 @@ def test_eval_spleeter_matches_or_beats_the_reference_per_song(eval_dir, spleete
     assert "mean" in r.stdout and "x real time" in r.stdout
 
 
+def test_eval_best_available_beats_the_reference_vocals_by_0_3_db(eval_dir, spleeter_repo, tmp_path):
+    """Issue 5's quality check, through the command: with only spleeter-2stems installed,
+    best-available is spleeter with full-band masks, Spleeter's MWF and a channel-swap pass."""
+    out = tmp_path / "eval.json"
+    r = unbake("eval", eval_dir, "--preset", "best-available", "--json", out)
+    assert r.returncode == 0, r.stderr
+    mean = json.loads(out.read_text())["mean"]
+    print(r.stdout)
+    assert mean["vocals"] >= 9.945 + 0.3, mean  # the reference's mean vocals SDR
+    assert mean["accompaniment"] >= 13.183, mean  # and no loss on the accompaniment
+    assert "model best-available" in r.stdout and "x real time" in r.stdout
+
+
 def test_models_lists_catalog_with_install_state(spleeter_repo, tmp_path):
     r = unbake("models")
     assert r.returncode == 0
