@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import json
 import os
 import re
@@ -66,6 +65,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from engine.errors import BadAudio, BadRequest, EngineUnavailable, ProtocolError, UnbakeError
+from engine.weights import sha256_of
 
 __all__ = ["Input", "Job", "Result", "Settings", "expand_inputs", "read_list", "track_names", "plan",
            "is_done", "bounce_one", "run", "format_summary", "add_parser", "cmd_bounce"]
@@ -334,13 +334,7 @@ def plan(inputs: list[Input], out_dir: Path, model_dir: str, stems: list[str], f
 
 # -- files --------------------------------------------------------------------------------------
 
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes. Raises OSError."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = sha256_of  # hex sha256 of a file's bytes (engine.weights); raises OSError
 
 
 def remove_partials(job: Job) -> list[Path]:
@@ -790,13 +784,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--filename", default=DEFAULT_TEMPLATE,
                    help="output path under OUT/MODEL; variables: track, trackext, stem, ext, parent "
                         "(default {track}/{stem}.{ext}; track is PARENT-NAME for inputs sharing a name)")
-    depth = p.add_mutually_exclusive_group()
-    depth.add_argument("--float32", action="store_true", help="32-bit float WAV (keeps peaks above 0 dBFS)")
-    depth.add_argument("--int24", action="store_true", help="24-bit integer output")
-    fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--flac", action="store_true", help="FLAC output")
-    fmt.add_argument("--mp3", action="store_true", help="MP3 output")
-    p.add_argument("--mp3-bitrate", type=int, default=320, help="MP3 bitrate in kbps (default 320)")
+    from .cli import add_format_args  # the same output flags as `unbake separate`
+    add_format_args(p)
     p.add_argument("--two-stems", default=None, metavar="STEM", help="write STEM and no_STEM only")
     p.add_argument("--segment", type=float, default=None, metavar="S", help="segment length in seconds")
     p.add_argument("--overlap", type=float, default=None, metavar="O", help="overlap between segments, fraction")

@@ -112,6 +112,17 @@ def _load_track(args):
     return name, make, device
 
 
+def add_format_args(p: argparse.ArgumentParser) -> None:
+    """The output format flags of `separate` and `bounce` (read back by ``_output_format``)."""
+    depth = p.add_mutually_exclusive_group()
+    depth.add_argument("--float32", action="store_true", help="32-bit float WAV (keeps peaks above 0 dBFS)")
+    depth.add_argument("--int24", action="store_true", help="24-bit integer output")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--flac", action="store_true", help="FLAC output")
+    fmt.add_argument("--mp3", action="store_true", help="MP3 output")
+    p.add_argument("--mp3-bitrate", type=int, default=320, help="MP3 bitrate in kbps (default 320)")
+
+
 def _output_format(args):
     from engine.stemfiles import OutputFormat
     return OutputFormat(ext="flac" if args.flac else "mp3" if args.mp3 else "wav",
@@ -610,13 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--residual", action="store_true",
                    help="stems sum exactly to the input: the input minus the other stems goes to the "
                         "complementary stem (accompaniment, instrumental, no_STEM, else other, else the last)")
-    depth = p.add_mutually_exclusive_group()
-    depth.add_argument("--float32", action="store_true", help="32-bit float WAV (keeps peaks above 0 dBFS)")
-    depth.add_argument("--int24", action="store_true", help="24-bit integer output")
-    fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--flac", action="store_true", help="FLAC output")
-    fmt.add_argument("--mp3", action="store_true", help="MP3 output")
-    p.add_argument("--mp3-bitrate", type=int, default=320, help="MP3 bitrate in kbps (default 320)")
+    add_format_args(p)
     p.add_argument("--filename", default="{track}/{stem}.{ext}",
                    help="output path under OUT/MODEL; variables: track, trackext, stem, ext")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
