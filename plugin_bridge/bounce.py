@@ -527,46 +527,15 @@ def _one_line(e: BaseException, path: Path | None = None) -> str:
 
 
 def _bounce_chain(job: Job, client, settings: Settings, ctx: Context):
-    """Whole file in memory through the preset's StemChain (offline, reset=True, aligned); the
-    processed stems and their sum (the remix) written atomically. Returns {name: (path, StemReport,
-    frames)} and (sample_rate, channels, frames)."""
-    from engine import audio as audio_mod
-    from engine.stemfiles import StemWriter, open_input
-    path = job.input.path
-    fmt = settings.output_format()
-    with open_input(path) as f:
-        sr, channels, total = int(f.samplerate), f.num_channels, f.frames
-        try:
-            data = f.read(total)
-        except Exception as e:
-            raise BadAudio(f"{path}: cannot read audio ({str(e).splitlines()[0]})") from None
-    if data.shape[-1] != total:
-        raise BadAudio(f"{path}: file ends at frame {data.shape[-1]}, its header says {total} (truncated?)")
-    data = audio_mod.validate(data, str(path), 0, sr)
+    """Whole file through the preset's StemChain (offline, aligned), as `unbake separate --chain`
+    (``plugin_bridge.chains.chain_file``): the processed stems and their sum (the remix), written
+    atomically. Returns {name: (path, StemReport, frames)} and (sample_rate, channels, frames)."""
+    from plugin_bridge.chains import chain_file
     model = ctx.identity["model"]["name"]
-    chain = ctx.preset.stem_chain(client=client, model=model, stems=list(ctx.stems), **settings.session_options())
-    try:
-        stems = chain.process_stems(data, sr)
-    finally:
-        chain.close()  # the client is ours: close() only drops the chain's state
-    if set(stems) != set(job.dests):
-        raise ProtocolError(f"{path}: the chain gave stems {sorted(stems)}, expected {sorted(job.dests)}")
-    remix = sum(stems[s] for s in job.dests)
-    blocks = {**{s: stems[s] for s in job.dests}, REMIX_STEM: remix}
-    writers: dict[str, StemWriter] = {}
-    try:
-        for name, dest in job.outputs.items():
-            writers[name] = StemWriter(dest, sr, channels, fmt)
-            writers[name].write(blocks[name])
-            if writers[name].frames != total:
-                raise ProtocolError(f"{path}: {name} has {writers[name].frames} frames, the input {total}")
-        for w in writers.values():
-            w.commit()
-    except BaseException:
-        for w in writers.values():
-            w.discard()
-        raise
-    return {n: (w.dest, w.report, w.frames) for n, w in writers.items()}, (sr, channels, total)
+    report = chain_file(client, ctx.preset, job.input.path, model, list(ctx.stems), job.outputs,
+                        settings.output_format(), None, settings.session_options())
+    return ({n: (r.path, r, report.frames) for n, r in report.stems.items()},
+            (report.sample_rate, report.channels, report.frames))
 
 
 def _bounce_stems(job: Job, client, settings: Settings, ctx: Context):

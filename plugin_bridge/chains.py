@@ -51,7 +51,7 @@ from typing import Any
 
 from engine.errors import BadRequest
 
-__all__ = ["ChainError", "ChainPreset", "StemSpec", "CHAINS_DIR", "load_chain", "list_chains",
+__all__ = ["ChainError", "ChainPreset", "StemSpec", "CHAINS_DIR", "ChainTrack", "chain_file", "load_chain", "list_chains",
            "allowed_plugins", "resolve_stems"]
 
 CHAINS_DIR = Path(__file__).resolve().parents[1] / "presets" / "chains"
@@ -485,3 +485,50 @@ def list_chains(on_error=None) -> list[ChainPreset]:
                 raise
             on_error(e)
     return out
+
+
+# -- a chain over a file (`unbake separate --chain`, `unbake remix`, `unbake bounce --chain`) -----------
+
+class ChainTrack:
+    """An ``engine.stemfiles.Track`` that runs a ``StemChain`` over the whole file at ``close``
+    (offline, reset=True): the processed stems (``keep_stems``) and their sum, ``remix``."""
+
+    def __init__(self, chain, stems: list[str], sample_rate: int, where: str, keep_stems: bool = True):
+        if "remix" in stems:
+            raise BadRequest("the model has a stem named 'remix': it would collide with the remix file")
+        self.chain, self.sample_rate, self.where = chain, sample_rate, where
+        self.stems = [*stems, "remix"] if keep_stems else ["remix"]
+        self.blocks: list = []
+        self.frames = 0
+
+    def push(self, block):
+        from engine import audio
+        self.blocks.append(audio.validate(block, self.where, self.frames, self.sample_rate))
+        self.frames += block.shape[-1]
+        return {}
+
+    def close(self):
+        import numpy as np
+        from engine.errors import BadAudio
+        x, self.blocks = np.concatenate(self.blocks, axis=1), []
+        stems = self.chain.process_stems(x, self.sample_rate)
+        remix = np.zeros_like(x)
+        for stem, y in stems.items():
+            if not np.isfinite(y).all():
+                raise BadAudio(f"{self.where}: the chain of stem {stem!r} gave NaN or Inf samples (a plugin "
+                               f"parameter that does not suit {self.sample_rate} Hz?)")
+            remix += y
+        out = {s: stems[s] for s in self.stems if s != "remix"}
+        out["remix"] = remix
+        return out
+
+
+def chain_file(client, preset, path, model, stems, dests, fmt, progress, options):
+    """One file through ``preset`` into ``dests`` ({stem: path}, with ``remix``); a TrackReport."""
+    from engine.stemfiles import write_track
+
+    def open_track(sample_rate, channels, where):
+        chain = preset.stem_chain(client, model, stems=stems, **options)
+        return ChainTrack(chain, stems, sample_rate, where, keep_stems=set(dests) != {"remix"})
+
+    return write_track(Path(path), dests, fmt, open_track, progress=progress)

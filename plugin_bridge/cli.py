@@ -286,7 +286,8 @@ def _separate_via_daemon(args) -> int:
                 return stem_paths(Path(args.out), model_name, path, stems, fmt, args.filename)
             try:
                 if preset is not None:  # --chain: the processed stems and their sum, `remix`
-                    return _chain_file(clients[-1], preset, path, name, stems, dests(name, [*stems, "remix"]),
+                    from plugin_bridge.chains import chain_file
+                    return chain_file(clients[-1], preset, path, name, stems, dests(name, [*stems, "remix"]),
                                        fmt, progress, options)
                 report, _ = separate_file_via(clients[-1], path, dests, fmt, model=name, progress=progress,
                                               **options)
@@ -484,52 +485,6 @@ def _load_chain_arg(args):
         return None
 
 
-class _ChainTrack:
-    """An ``engine.stemfiles.Track`` that runs a ``StemChain`` over the whole file at ``close``
-    (offline, reset=True): the processed stems (``keep_stems``) and their sum, ``remix``."""
-
-    def __init__(self, chain, stems: list[str], sample_rate: int, where: str, keep_stems: bool = True):
-        if "remix" in stems:
-            from engine.errors import BadRequest
-            raise BadRequest("the model has a stem named 'remix': it would collide with the remix file")
-        self.chain, self.sample_rate, self.where = chain, sample_rate, where
-        self.stems = [*stems, "remix"] if keep_stems else ["remix"]
-        self.blocks: list = []
-        self.frames = 0
-
-    def push(self, block):
-        from engine import audio
-        self.blocks.append(audio.validate(block, self.where, self.frames, self.sample_rate))
-        self.frames += block.shape[-1]
-        return {}
-
-    def close(self):
-        import numpy as np
-        from engine.errors import BadAudio
-        x, self.blocks = np.concatenate(self.blocks, axis=1), []
-        stems = self.chain.process_stems(x, self.sample_rate)
-        remix = np.zeros_like(x)
-        for stem, y in stems.items():
-            if not np.isfinite(y).all():
-                raise BadAudio(f"{self.where}: the chain of stem {stem!r} gave NaN or Inf samples (a plugin "
-                               f"parameter that does not suit {self.sample_rate} Hz?)")
-            remix += y
-        out = {s: stems[s] for s in self.stems if s != "remix"}
-        out["remix"] = remix
-        return out
-
-
-def _chain_file(client, preset, path, model, stems, dests, fmt, progress, options):
-    """One file through ``preset`` into ``dests`` ({stem: path}, with ``remix``); a TrackReport."""
-    from engine.stemfiles import write_track
-
-    def open_track(sample_rate, channels, where):
-        chain = preset.stem_chain(client, model, stems=stems, **options)
-        return _ChainTrack(chain, stems, sample_rate, where, keep_stems=set(dests) != {"remix"})
-
-    return write_track(Path(path), dests, fmt, open_track, progress=progress)
-
-
 def cmd_chains(args) -> int:
     import json
     from plugin_bridge.chains import list_chains
@@ -550,7 +505,7 @@ def cmd_chains(args) -> int:
 def cmd_remix(args) -> int:
     from engine.errors import UnbakeError
     from engine.stemfiles import OutputFormat
-    from plugin_bridge.chains import ChainError, resolve_stems
+    from plugin_bridge.chains import ChainError, ChainTrack, resolve_stems
     from plugin_bridge.client import Client
     preset = _load_chain_arg(args)
     if preset is None:
@@ -575,7 +530,7 @@ def cmd_remix(args) -> int:
             chain = preset.stem_chain(client, name, stems=stems, **options)
             if not args.quiet:
                 print(f"{path}: chain {preset.name}, model {name}, stems {', '.join(stems)}", file=sys.stderr)
-            return _ChainTrack(chain, stems, sample_rate, where, keep_stems=False)
+            return ChainTrack(chain, stems, sample_rate, where, keep_stems=False)
 
         from engine.stemfiles import write_track
         report = write_track(path, {"remix": out}, fmt, open_track)

@@ -91,6 +91,21 @@ def _copy_region(f, start: int, n: int, loop: bool, total: int, sink: Callable[[
         pos += take
 
 
+def _region(path, start_s: float, length_s: float, loop: bool, open_sink) -> tuple[int, int]:
+    """Feed the region's blocks (float32 [channels, k], in order) to the sink that
+    ``open_sink(sample_rate, channels, frames)`` (a context manager) gives. Returns (rate, frames)."""
+    _check_span(start_s, length_s)
+    path = Path(path)
+    with open_input(path) as f:
+        sr, total = int(f.samplerate), int(f.frames)
+        n = _frames(length_s, sr)
+        if n < 1:
+            raise BadRequest(f"{path}: a region of {length_s:g} s is less than one frame at {sr} Hz")
+        with open_sink(sr, f.num_channels, n) as sink:
+            _copy_region(f, _frames(start_s, sr), n, loop, total, sink)
+    return sr, n
+
+
 def read_region(path, start_s: float, length_s: float, *, loop: bool = False) -> tuple[np.ndarray, int]:
     """The exact region of a source file a host item plays: float32 [channels, round(length_s * sr)]
     starting at frame ``round(start_s * sr)`` of the file, and the file's sample rate.
@@ -100,40 +115,34 @@ def read_region(path, start_s: float, length_s: float, *, loop: bool = False) ->
     repeats (REAPER's "loop source" on). Raises BadAudio (unreadable, empty, > 2 channels) and
     BadRequest (a length that is not > 0).
     """
-    _check_span(start_s, length_s)
-    path = Path(path)
-    with open_input(path) as f:
-        sr, total = int(f.samplerate), int(f.frames)
-        n = _frames(length_s, sr)
-        if n < 1:
-            raise BadRequest(f"{path}: a region of {length_s:g} s is less than one frame at {sr} Hz")
-        out = np.empty((f.num_channels, n), np.float32)
+    held = {}
+
+    def open_sink(sr: int, channels: int, n: int):
+        held["out"] = out = np.empty((channels, n), np.float32)
         filled = 0
 
         def sink(block: np.ndarray) -> None:
             nonlocal filled
             out[:, filled:filled + block.shape[1]] = block
             filled += block.shape[1]
+        return contextlib.nullcontext(sink)
 
-        _copy_region(f, _frames(start_s, sr), n, loop, total, sink)
-    return out, sr
+    sr, _ = _region(path, start_s, length_s, loop, open_sink)
+    return held["out"], sr
 
 
 def write_region(path, start_s: float, length_s: float, dest, *, loop: bool = False) -> tuple[int, int]:
     """``read_region`` written to ``dest`` as a float32 WAV, block by block (memory does not grow with
     the length of the region). Returns (sample rate, frames)."""
     import soundfile
-    _check_span(start_s, length_s)
-    path = Path(path)
-    with open_input(path) as f:
-        sr, total = int(f.samplerate), int(f.frames)
-        n = _frames(length_s, sr)
-        if n < 1:
-            raise BadRequest(f"{path}: a region of {length_s:g} s is less than one frame at {sr} Hz")
-        with soundfile.SoundFile(str(dest), "w", samplerate=sr, channels=f.num_channels,
-                                 subtype="FLOAT", format="WAV") as out:
-            _copy_region(f, _frames(start_s, sr), n, loop, total, lambda block: out.write(block.T))
-    return sr, n
+
+    @contextlib.contextmanager
+    def open_sink(sr: int, channels: int, n: int):
+        with soundfile.SoundFile(str(dest), "w", samplerate=sr, channels=channels, subtype="FLOAT",
+                                 format="WAV") as out:
+            yield lambda block: out.write(block.T)
+
+    return _region(path, start_s, length_s, loop, open_sink)
 
 
 def safe_name(name: str, fallback: str = "item") -> str:
