@@ -14,6 +14,7 @@ import torch
 
 from . import registry
 from .errors import QueueFull
+from .heap import release_free_memory
 
 GB = 1024 ** 3
 
@@ -80,6 +81,7 @@ class ModelCache:
                     self.warmup(model)
                 entry.model, entry.bytes = model, size
                 self.loads += 1
+                release_free_memory()  # the checkpoint's and the warm-up's temporaries
             except Exception as e:
                 entry.error = e
                 with self.lock:

@@ -19,8 +19,6 @@ import fcntl
 import ipaddress
 import os
 import queue
-import resource
-import secrets
 import signal
 import sys
 import time
@@ -32,6 +30,7 @@ import zmq.auth
 
 from . import __version__
 from . import protocol as P
+from .heap import peak_rss_bytes, release_free_memory, rss_bytes, tune_heap
 from .errors import (BadAudio, EngineUnavailable, LimitExceeded, ProtocolError, QueueFull, UnbakeError,
                      UnknownSession)
 
@@ -200,7 +199,7 @@ class Daemon:
                             f"{self.limits.max_sessions_per_client}; close some first")
         if len(self.sessions) >= self.limits.max_sessions:
             raise QueueFull(f"{len(self.sessions)} sessions open, the daemon's limit is {self.limits.max_sessions}")
-        sid = secrets.token_hex(8)
+        sid = os.urandom(8).hex()  # not `secrets`: it pulls OpenSSL into every torch-free CLI
         self.sessions[sid] = SessionInfo(identity, req["channels"], req["sample_rate"])
         self._track(identity, req, sid)
         self.loader.submit(self._run_job, identity, req["id"],
@@ -256,7 +255,7 @@ class Daemon:
                 "protocol": P.PROTOCOL_VERSION, "uptime_s": round(time.monotonic() - self.started, 1),
                 "sessions": len(self.sessions), "pending_requests": len(self.pending), "served": self.served,
                 "rss_mb": round(rss_bytes() / 2 ** 20, 1),
-                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "peak_rss_mb": round(peak_rss_bytes() / 2 ** 20, 1),
                 "idle_exit_s": self.idle_exit_s, "session_ttl_s": self.limits.session_ttl_s,
                 "stopping": self.stopping_since is not None, **self.service.status()}
 
@@ -360,8 +359,6 @@ class Daemon:
                 t0 = time.monotonic()
                 name = self.service.preload(name)
                 self.log(f"{name} loaded and warmed up in {time.monotonic() - t0:.1f} s")
-            if self.preload:
-                release_free_memory()  # the checkpoint's and the warm-up's temporaries
             self.bind(ctx)
         except UnbakeError as e:
             self.log(str(e))
@@ -422,14 +419,6 @@ class Daemon:
             os.close(self.lock_fd)
 
 
-def rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 # -- command line ---------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -461,56 +450,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the daemon's CURVE certificate (zmq.auth format, with the secret key)")
     p.add_argument("--curve-allowed-keys", default=None, metavar="DIR",
                    help="folder of the public certificates of the clients allowed in")
-
-
-def release_free_memory() -> None:
-    """Give freed heap pages back to the OS (glibc ``malloc_trim``): a long-running server otherwise
-    keeps the high-water mark of every session it served (RSS grew from 0.65 to 0.84 GB over 5
-    sessions of 30 s). Called once the daemon has been idle for TRIM_IDLE_S (trimming after every
-    session made back-to-back requests fault their memory in again: 1.15x slower on spleeter);
-    no effect where glibc is not the allocator."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-            _malloc_trim = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
-
-# glibc mallopt parameters
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
-MMAP_THRESHOLD_BYTES = 32 << 20   # glibc's own upper bound for its dynamic threshold
-TRIM_THRESHOLD_BYTES = 1 << 30    # in effect never: release_free_memory trims once idle
-
-
-def tune_heap() -> None:
-    """The daemon's allocator policy (glibc only; a setting the user made with ``MALLOC_ARENA_MAX``,
-    ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` wins). Call before threads start.
-
-    - One arena for every thread (the socket thread, zmq's I/O thread, the scheduler, torch's
-      workers): memory one frees, another reuses.
-    - No automatic trimming while busy, blocks under 32 MiB from the heap: the forward passes run
-      in the scheduler thread, and glibc shrinks a thread arena's heap after every large free,
-      so each pass faulted its activations in anew. HT-Demucs through the daemon went from 1.07-1.16x
-      to 0.88-1.02x the in-process time (bench_daemon_overhead.py --model htdemucs). Freed memory
-      goes back to the OS once the daemon is idle (``release_free_memory``).
-    - Tried and left out: a fixed 1-8 MiB mmap threshold (lower RSS, but HT-Demucs 1.6-2x slower).
-    """
-    try:
-        import ctypes
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    for env, param, value in [("MALLOC_ARENA_MAX", M_ARENA_MAX, 1),
-                              ("MALLOC_MMAP_THRESHOLD_", M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
-                              ("MALLOC_TRIM_THRESHOLD_", M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)]:
-        if env not in os.environ:
-            mallopt(param, value)
 
 
 def run(args: argparse.Namespace) -> int:

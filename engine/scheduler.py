@@ -25,10 +25,11 @@ import numpy as np
 from . import protocol as P
 from .apply import Job, run_jobs
 from .errors import Cancelled, EngineUnavailable, QueueFull, UnbakeError, UnknownSession
+from .heap import release_free_memory
 
 PROGRESS_EVERY_S = 0.5
-MAX_REPLY_FRAMES = 2 ** 18  # frames per stems reply (6 s at 44.1 kHz): a client can write each out
-# as it comes instead of holding a whole tail (bench_sharing.py: 89 -> 56 MB peak for a 30 s song)
+MAX_REPLY_FRAMES = 2 ** 16  # frames per stems reply (1.5 s at 44.1 kHz): a client writes each out as it
+# comes, and holds a few (plugin_bridge.client.RECV_QUEUE) instead of a whole tail
 
 
 class Task:
@@ -75,6 +76,7 @@ class Scheduler:
         self.stopping = False
         self.batches = 0
         self.segments = 0
+        self._last_shape: tuple | None = None  # of the last forward pass (_run)
         self.thread = threading.Thread(target=self._loop, name="unbake-scheduler", daemon=True)
         self.thread.start()
 
@@ -227,6 +229,13 @@ class Scheduler:
                 return batch
 
     def _run(self, batch: list[tuple[Session, Job, Task]]) -> None:
+        shape = (batch[0][1].key, len(batch))  # network, grid, window length; batch size
+        if self._last_shape is not None and shape != self._last_shape:
+            # Tracks of other lengths (a short track's one segment, a long one's last) have
+            # temporaries of other sizes: the holes the last pass left would not fit them, and the
+            # heap would grow by a second working set (bench_sharing.py: daemon peak 653 -> 627 MB).
+            release_free_memory()
+        self._last_shape = shape
         try:
             run_jobs([job for _, job, _ in batch])
         except Exception as e:  # e.g. out of memory: fail the sessions involved, keep serving

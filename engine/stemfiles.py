@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import BadAudio, BadRequest, OutputError, ProtocolError
 
-READ_BLOCK_S = 10.0
+READ_BLOCK_S = 2.0  # 10 s blocks cost a daemon client 2-3 MB more peak RSS (bench_sharing.py)
 WRITE_BLOCK_FRAMES = 1 << 16  # stems are encoded in slices, so temporaries stay small
 FORMATS = {"wav": "wav", "flac": "flac", "mp3": "mp3"}
 DEFAULT_TEMPLATE = "{track}/{stem}.{ext}"

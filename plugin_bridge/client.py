@@ -72,6 +72,8 @@ CURVE_CLIENT_CERT_ENV = "UNBAKE_CURVE_CLIENT_CERT"
 
 PROBE_TIMEOUT_S = 0.5      # the hello probe that decides whether a daemon runs
 PIPELINE = 3               # pushes separate() keeps in flight
+RECV_QUEUE = 2             # replies zmq reads ahead of this process (ZMQ_RCVHWM); the rest wait
+                           # in the daemon, which holds those stems anyway (zero-copy replies)
 IDLE_EXIT_S = 600          # an autostarted daemon exits after this long without clients
 RETRY_PAUSE_S = 0.5        # before resending to a daemon that answered it is shutting down
 _REPLY_LIMITS = protocol.Limits(max_header_bytes=16 * 2 ** 20)  # replies come from a trusted peer
@@ -407,7 +409,7 @@ class Session:
 
     def close_blocks(self) -> Iterator[dict[str, np.ndarray]]:
         """``close`` as the stem blocks arrive: yields ``{stem: float32 [channels, m]}`` read-only
-        views, one per ``stems`` reply (at most 2**18 frames each), so that a caller writing them
+        views, one per ``stems`` reply (at most engine.scheduler.MAX_REPLY_FRAMES, 2**16, each), so that a caller writing them
         out never holds the whole tail. Iterate to the end: the session is gone after the last."""
         self._usable()
         if self._tickets:
@@ -835,6 +837,7 @@ class Client:
     def _new_socket(self) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, RECV_QUEUE)
         if self._curve is not None:
             server, public, secret = self._curve
             sock.setsockopt(zmq.CURVE_SERVERKEY, server)

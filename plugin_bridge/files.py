@@ -52,7 +52,7 @@ class SessionTrack:
 
     def close(self) -> Iterator[dict[str, np.ndarray]]:
         """The rest, as the blocks arrive (``{stem: float32 [channels, m]}`` read-only views), so
-        that no more than one reply's worth of stems (2**18 frames) is held here at a time."""
+        that no more than a few replies of stems (2**16 frames each) are held here at a time."""
         while self._tickets:
             yield self.session.receive(self._tickets.popleft())
         yield from self.session.close_blocks()
@@ -80,7 +80,7 @@ def separate_file_via(client, path: Path, dests: DestsVia, fmt: OutputFormat, *,
     options: session options (engine.protocol.OPTION_TYPES: segment_s, overlap, shifts, seed,
     two_stems, transition_power); None values are left out (the model's defaults).
     progress(frames_done, frames_total) is called after each block read and sent (up to 3 blocks,
-    30 s of audio, are in flight ahead of the stems written).
+    engine.stemfiles.READ_BLOCK_S each, are in flight ahead of the stems written).
     Raises what ``engine.separate.separate_file`` raises, plus the client's errors (EngineUnavailable,
     QueueFull, ModelError, ...). On any error the session is cancelled and nothing is left at the
     destinations.

@@ -1,10 +1,12 @@
 """Benchmark: 4 tools separating 4 songs at the same time, sharing one daemon vs each in its own process.
 
-Run with ``python tests/bench/bench_sharing.py [--tool cli|array|both]`` (not collected by pytest).
-Each tool is a process that separates one song file with spleeter-2stems into stem files; two kinds:
+Run with ``python tests/bench/bench_sharing.py [--tool cli|array|both] [--model spleeter-2stems|htdemucs]``
+(not collected by pytest). Each tool is a process that separates one song file into stem files with
+the model (spleeter-2stems by default; ``htdemucs`` is the official-size HT-Demucs with random
+weights, the product's default model where its weights are installed); two kinds:
 
 - ``cli`` (the main job): ``unbake separate SONG -o OUT -n spleeter-2stems --float32``, shared
-  through the daemon (no torch in the tool; the file is streamed in 10 s blocks) vs
+  through the daemon (no torch in the tool; the file is streamed in blocks) vs
   ``--in-process`` (the model loaded in the tool).
 - ``array``: the tool reads the whole song into memory (soundfile), calls
   ``plugin_bridge.client.Client.separate`` (shared) or ``engine.sessions.separate_array`` (in
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,16 +36,23 @@ EVAL = ROOT.parent / "shared/eval-audio/real-dev-v1"
 MODEL = "spleeter-2stems"
 
 
-def child(mode: str, song: str, out: str, endpoint: str | None) -> None:
+def peak_rss_bytes() -> int:
+    """VmHWM, as engine.daemon.peak_rss_bytes (not imported here: it would add to the tool's RSS).
+    Not ru_maxrss: a spawned child's includes the RSS of this bench process it was exec'd from."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def child(mode: str, song: str, out: str, endpoint: str | None, model: str, repo: str) -> None:
     """One tool: read, separate, write; prints {"peak_rss_mb", "seconds"} as JSON."""
     t0 = time.perf_counter()
     if mode.startswith("cli-"):
         from plugin_bridge import cli
-        argv = ["separate", song, "-o", out, "-n", MODEL, "--float32", "-q"]
+        argv = ["separate", song, "-o", out, "-n", model, "--repo", repo, "--float32", "-q"]
         argv += ["--in-process"] if mode == "cli-inprocess" else ["--endpoint", endpoint]
         if cli.main(argv):
             raise SystemExit(f"unbake {' '.join(argv)} failed")
-        print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        print(json.dumps({"peak_rss_mb": peak_rss_bytes() / 2 ** 20,
                           "seconds": time.perf_counter() - t0, "torch": "torch" in sys.modules}))
         return
     import numpy as np
@@ -54,22 +62,23 @@ def child(mode: str, song: str, out: str, endpoint: str | None) -> None:
     if mode == "client":
         from plugin_bridge.client import Client
         with Client(endpoint, timeout_s=120) as client:
-            stems = client.separate(mix, sr, MODEL)
+            stems = client.separate(mix, sr, model)
     else:
         from engine.registry import load_model
         from engine.sessions import separate_array
-        stems = separate_array(load_model(MODEL), mix, sr)
+        stems = separate_array(load_model(model, repo=repo), mix, sr)
     os.makedirs(out, exist_ok=True)
     for name, audio in stems.items():
         sf.write(os.path.join(out, f"{name}.wav"), audio.T, sr, subtype="FLOAT")
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"peak_rss_mb": peak_rss_bytes() / 2 ** 20,
                       "seconds": time.perf_counter() - t0, "torch": "torch" in sys.modules}))
 
 
-def run_tools(mode: str, songs: list[Path], tmp: Path, endpoint: str | None, env: dict) -> tuple[float, list[dict]]:
+def run_tools(mode: str, songs: list[Path], tmp: Path, endpoint: str | None, env: dict,
+              model: str, repo: Path) -> tuple[float, list[dict]]:
     t0 = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, __file__, "--child", mode, str(song), str(tmp / f"{mode}{i}-{time.monotonic_ns()}"),
-                               endpoint or ""], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               endpoint or "", model, str(repo)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env, cwd=ROOT)
              for i, song in enumerate(songs)]
     results = []
@@ -83,46 +92,55 @@ def run_tools(mode: str, songs: list[Path], tmp: Path, endpoint: str | None, env
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", nargs=4, metavar=("MODE", "SONG", "OUT", "ENDPOINT"))
+    parser.add_argument("--child", nargs=6, metavar=("MODE", "SONG", "OUT", "ENDPOINT", "MODEL", "REPO"))
     parser.add_argument("--tool", choices=["cli", "array", "both"], default="both")
+    parser.add_argument("--model", choices=[MODEL, "htdemucs"], default=MODEL)
     args = parser.parse_args()
     if args.child:
-        mode, song, out, endpoint = args.child
-        child(mode, song, out, endpoint or None)
+        mode, song, out, endpoint, model, repo = args.child
+        child(mode, song, out, endpoint or None, model, repo)
         return
+    tmp = Path(tempfile.mkdtemp(prefix="unbake-share-"))
+    if args.model == "htdemucs":  # the official architecture and size, random weights
+        from tests.engine import demucs_fixtures as F
+        repo = tmp / "repo"
+        repo.mkdir()
+        F.write_package(F.make_official_size_htdemucs(seed=0), repo, "bench0ht")
+        model = "bench0ht"
+    else:
+        from engine import weights
+        weights.fetch(MODEL)
+        repo, model = weights.repo_dir(), MODEL
     for tool in (["cli", "array"] if args.tool == "both" else [args.tool]):
-        compare(tool)
+        compare(tool, model, repo, tmp)
 
 
-def compare(tool: str) -> None:
+def compare(tool: str, model: str, repo: Path, tmp: Path) -> None:
     shared_mode, alone_mode = ("cli-daemon", "cli-inprocess") if tool == "cli" else ("client", "inprocess")
 
-    from engine import weights
-    from tests.engine.engine_proc import EngineProcess, proc_rss_mb  # noqa: F401
-    weights.fetch(MODEL)
+    from tests.engine.engine_proc import EngineProcess
     songs = sorted(EVAL.glob("*/mixture.wav"))
     songs = songs + [EVAL / "cristina-vane-so-easy" / "mixture.wav"]  # the 3 dev songs + the 30 s one again
-    tmp = Path(tempfile.mkdtemp(prefix="unbake-share-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
-    wall_ind, ind = run_tools(alone_mode, songs, tmp, None, env)
+    wall_ind, ind = run_tools(alone_mode, songs, tmp, None, env, model, repo)
     # the same with one malloc arena, as the daemon runs (engine.daemon.tune_heap: one arena, 32 MiB mmap threshold, no automatic trim)
-    wall_tuned, tuned = run_tools(alone_mode, songs, tmp, None, {**env, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)})
+    wall_tuned, tuned = run_tools(alone_mode, songs, tmp, None, {**env, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}, model, repo)
 
     endpoint = f"ipc://{tmp}/warm.sock"
-    engine = EngineProcess(endpoint, "--preload", MODEL, log=tmp / "warm.log").start(timeout_s=120)
+    engine = EngineProcess(endpoint, "--preload", model, "--repo", repo, log=tmp / "warm.log").start(timeout_s=300)
     try:
-        wall_warm, warm = run_tools(shared_mode, songs, tmp, endpoint, env)
+        wall_warm, warm = run_tools(shared_mode, songs, tmp, endpoint, env, model, repo)
         daemon_peak_warm = engine.status()["peak_rss_mb"]
     finally:
         engine.stop()
 
     cold_endpoint = f"ipc://{tmp}/cold.sock"
     t0 = time.perf_counter()
-    cold_engine = EngineProcess(cold_endpoint, log=tmp / "cold.log").start(timeout_s=120)
+    cold_engine = EngineProcess(cold_endpoint, "--repo", repo, log=tmp / "cold.log").start(timeout_s=300)
     try:
         start_s = time.perf_counter() - t0
-        wall_cold, cold = run_tools(shared_mode, songs, tmp, cold_endpoint, env)
+        wall_cold, cold = run_tools(shared_mode, songs, tmp, cold_endpoint, env, model, repo)
         daemon_peak_cold = cold_engine.status()["peak_rss_mb"]
     finally:
         cold_engine.stop()
@@ -133,7 +151,7 @@ def compare(tool: str) -> None:
     rss_ind = sum(r["peak_rss_mb"] for r in ind)
     rss_warm = daemon_peak_warm + sum(r["peak_rss_mb"] for r in warm)
     rss_cold = daemon_peak_cold + sum(r["peak_rss_mb"] for r in cold)
-    print(f"{tool} tools: 4 at once, {MODEL}, songs: {', '.join(s.parent.name for s in songs)}; "
+    print(f"{tool} tools: 4 at once, {model}, songs: {', '.join(s.parent.name for s in songs)}; "
           f"{os.cpu_count()} CPUs")
     print(f"  independent: wall {wall_ind:.2f} s, peak RSS {each(ind)}"
           f" = {rss_ind:.0f} MB")

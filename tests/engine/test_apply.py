@@ -111,6 +111,41 @@ def test_bag_is_per_source_weighted_average_of_members():
     assert torch.max(torch.abs(out[1] - o2[1])).item() < 1e-6
 
 
+@pytest.mark.parametrize("segment", [1, 2, 7, 44100, 1503232])
+@pytest.mark.parametrize("power", [1.0, 1.5, 2.0])
+def test_triangle_weight_is_demucs_weight_bit_for_bit_and_shared(segment, power):
+    # demucs.apply.apply_model: weight = th.cat([th.arange(1, segment // 2 + 1),
+    #     th.arange(segment - segment // 2, 0, -1)]); weight = (weight / weight.max())**transition_power
+    demucs = torch.cat([torch.arange(1, segment // 2 + 1), torch.arange(segment - segment // 2, 0, -1)])
+    demucs = (demucs / demucs.max()) ** power
+    ours = triangle_weight(segment, power)
+    assert ours.dtype == torch.float32 and ours.shape == (segment,)
+    assert torch.equal(ours, demucs)
+    assert triangle_weight(segment, power) is ours  # one per (segment, power): sessions share it
+
+
+def test_tiny_pushes_are_merged_into_few_chunks_and_equal_offline():
+    from engine.apply import MERGE_FRAMES, OverlapAdd
+    model = FixedWindowSeparator(segment_frames=1000)
+    segment, stride = grid_for(model, None, 0.25)
+    runner = OverlapAdd(model, segment, stride)
+    mix = torch.randn(2, 999 + MERGE_FRAMES, generator=torch.Generator().manual_seed(1))
+    outs, segs = [], []
+    for i in range(999):  # 1-frame pushes, less than a window: nothing runs yet
+        segs += runner.take(mix[:, i:i + 1])
+    assert not segs
+    assert [c.shape[1] for c in runner.inp] == [512, 256, 128, 64, 32, 4, 2, 1]  # 999 in binary
+    big = mix[:, 999:]
+    runner.run(runner.take(big))
+    # the big push is kept as it came (its tail, a view), not merged into a copy
+    assert runner.inp[-1].untyped_storage().data_ptr() == mix.untyped_storage().data_ptr()
+    outs.append(runner.ready())
+    runner.run(runner.take(final=True))
+    outs.append(runner.ready())
+    expected = apply_model(model, mix, overlap=0.25)
+    assert float((torch.cat(outs, dim=-1) - expected).abs().max()) <= 1e-6
+
+
 def test_grid_validates_overrides():
     model = FixedWindowSeparator(1000)
     assert grid_for(model) == (1000, 750)
@@ -131,9 +166,10 @@ def test_queued_segments_hold_no_audio_and_input_is_kept_until_they_run():
     mix = torch.randn(2, 5000, generator=torch.Generator().manual_seed(0))
     segs = runner.take(mix[:, :4000])
     assert [s.k for s in segs] and not hasattr(segs[0], "window")
-    assert runner.inp_start == 0 and runner.inp.shape[1] == 4000  # nothing dropped yet
+    assert runner.inp_start == 0 and sum(c.shape[1] for c in runner.inp) == 4000  # nothing dropped yet
     runner.run(segs)
     assert runner.inp_start == max(0, len(segs) * stride - runner.context) > 0
+    assert sum(c.shape[1] for c in runner.inp) == runner.received - runner.inp_start == 4000 - runner.inp_start
     runner.run(runner.take(mix[:, 4000:]))
     runner.run(runner.take(final=True))
     out = torch.cat([runner.ready()], dim=-1)

@@ -99,17 +99,17 @@ def test_sessions_share_one_warm_model(client, engine_endpoint, song):
         b.cancel()
 
 
-def test_close_blocks_stream_the_tail_in_replies_of_at_most_2_18_frames(client, eval_dir, spleeter):
+def test_close_blocks_stream_the_tail_in_replies_of_at_most_2_16_frames(client, eval_dir, spleeter):
     """The default 34 s segment covers the whole 14 s song: all of it comes at close, in replies
-    of 2**18 frames (and the rest), each yielded as it arrives; together they equal in process."""
+    of 2**16 frames (and the rest), each yielded as it arrives; together they equal in process."""
     from engine.scheduler import MAX_REPLY_FRAMES
     mix, sr = read(eval_dir / "bearlin-roads" / "mixture.wav")
     session = client.open("spleeter-2stems", sr, 2)
     assert session.push(mix)["vocals"].shape[1] == 0
     blocks = list(session.close_blocks())
-    assert MAX_REPLY_FRAMES == 2 ** 18
-    assert mix.shape[1] == 617_401
-    assert [b["vocals"].shape[1] for b in blocks] == [2 ** 18, 2 ** 18, 617_401 - 2 ** 19]
+    assert MAX_REPLY_FRAMES == 2 ** 16
+    assert mix.shape[1] == 617_401 == 9 * 2 ** 16 + 27_577
+    assert [b["vocals"].shape[1] for b in blocks] == [2 ** 16] * 9 + [27_577]
     assert session.closed and session.frames_out == mix.shape[1]
     reference = separate_array(spleeter, mix, sr)
     for name in session.stems:
