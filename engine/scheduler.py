@@ -7,7 +7,8 @@ networks, round-robin between sessions, and hands finished stem blocks back as r
       queued jobs at once                      each per round, same network and window (job.key),
                                                up to max_batch; wait up to max_queue_delay_s for
                                                more when the batch is not full (Triton-style)
-                                             run_jobs(batch): one forward pass
+                                             run_jobs(batch): one forward pass (freed heap
+                                               given back first if its shape is new: heap.py)
     emit(identity, header, pcm) ◀──────────── track.collect() -> stems / progress / done replies
 
 Only the worker touches a session's TrackSeparator; the lock guards the queues and makes sure every
