@@ -69,7 +69,7 @@ def tune_heap() -> None:
       in the scheduler thread, and glibc shrinks a thread arena's heap after every large free,
       so each pass faulted its activations in anew. HT-Demucs through the daemon went from 1.07-1.16x
       to 0.88-1.02x the in-process time (bench_daemon_overhead.py --model htdemucs). Freed memory
-      goes back to the OS once the daemon is idle (``release_free_memory``).
+      goes back to the OS at chosen points instead (``release_free_memory``, see above).
     - Tried and left out: a fixed 1-8 MiB mmap threshold (lower RSS, but HT-Demucs 1.6-2x slower).
     """
     try:

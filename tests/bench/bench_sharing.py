@@ -37,7 +37,7 @@ MODEL = "spleeter-2stems"
 
 
 def peak_rss_bytes() -> int:
-    """VmHWM, as engine.daemon.peak_rss_bytes (not imported here: it would add to the tool's RSS).
+    """VmHWM, as engine.heap.peak_rss_bytes (not imported here: it would add to the tool's RSS).
     Not ru_maxrss: a spawned child's includes the RSS of this bench process it was exec'd from."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
@@ -124,7 +124,7 @@ def compare(tool: str, model: str, repo: Path, tmp: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     wall_ind, ind = run_tools(alone_mode, songs, tmp, None, env, model, repo)
-    # the same with one malloc arena, as the daemon runs (engine.daemon.tune_heap: one arena, 32 MiB mmap threshold, no automatic trim)
+    # the same with one malloc arena, as the daemon runs (engine.heap.tune_heap: one arena, 32 MiB mmap threshold, no automatic trim)
     wall_tuned, tuned = run_tools(alone_mode, songs, tmp, None, {**env, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}, model, repo)
 
     endpoint = f"ipc://{tmp}/warm.sock"
