@@ -6,6 +6,13 @@
                                     └─ push / close / cancel -> engine.scheduler (worker thread)
     replies from any thread ──▶ outbox + wake-up pipe ──▶ this loop ──▶ ROUTER ──▶ client
 
+A peer may name a weights folder for its session (``open.repo``, ``unbake separate --repo DIR``)
+only where the daemon listens on a private ipc:// socket (``protocol.ipc_is_private``: the socket
+file is 0600 in a 0700 folder, so the peer is the engine's own user): the daemon knows its one bound
+endpoint, so every peer of a tcp:// engine (loopback: any local user; CURVE: another machine) gets
+``E_NOT_PERMITTED`` instead, before anything is opened. The folder's files are verified like the
+engine's own (catalog sha256, SHA8 of ``SIG-SHA8.th``).
+
 Every request gets exactly one terminal reply; a request still waiting gets a ``progress``
 keep-alive every second, so a client's timeout means the daemon is gone, not busy. A bad message
 gets an ``error`` reply (``re`` None when its id is unreadable) and the loop goes on.
@@ -31,8 +38,8 @@ import zmq.auth
 from . import __version__
 from . import protocol as P
 from .heap import peak_rss_bytes, release_free_memory, rss_bytes, tune_heap
-from .errors import (BadAudio, EngineUnavailable, LimitExceeded, ProtocolError, QueueFull, UnbakeError,
-                     UnknownSession)
+from .errors import (BadAudio, EngineUnavailable, LimitExceeded, NotPermitted, ProtocolError, QueueFull,
+                     UnbakeError, UnknownSession)
 
 KEEPALIVE_S = 1.0
 TRIM_IDLE_S = 2.0
@@ -80,6 +87,7 @@ class Daemon:
                  curve_secret_key: str | None = None, curve_allowed_keys: str | None = None,
                  preload: list[str] = (), log=None):
         self.endpoint = endpoint
+        self.peers_may_name_paths = P.ipc_is_private(endpoint)  # open.repo: see the module docstring
         self.limits = limits
         self.idle_exit_s = idle_exit_s
         self.drain_s = drain_s
@@ -181,7 +189,7 @@ class Daemon:
 
     def _op_hello(self, identity, req, pcm):
         self._send(identity, {"kind": P.K_HELLO, "re": req["id"], "protocol": P.PROTOCOL_VERSION,
-                              "engine_version": __version__, "device": str(self.service.device),
+                              "engine_version": __version__, **self.service.settings(), "pid": os.getpid(),
                               "endpoint": self.endpoint, "limits": self.limits.to_wire()})
 
     def _op_status(self, identity, req, pcm):
@@ -193,6 +201,10 @@ class Daemon:
                            lambda: {"kind": P.K_MODELS, "models": self.service.models()})
 
     def _op_open(self, identity, req, pcm):
+        if req.get("repo") is not None and not self.peers_may_name_paths:
+            raise NotPermitted(f"open #{req['id']}: this engine listens on {self.endpoint}, whose peers may not "
+                               f"name folders on its machine ('repo' is for peers of its own ipc:// socket); "
+                               f"start it with `unbake serve --repo DIR` instead")
         mine = sum(1 for s in self.sessions.values() if s.owner == identity)
         if mine >= self.limits.max_sessions_per_client:
             raise QueueFull(f"this client has {mine} sessions open, the limit is "
@@ -204,7 +216,8 @@ class Daemon:
         self._track(identity, req, sid)
         self.loader.submit(self._run_job, identity, req["id"],
                            lambda: {"kind": P.K_READY, **self.service.open(
-                               sid, req["model"], req["sample_rate"], req["channels"], req["options"])})
+                               sid, req["model"], req["sample_rate"], req["channels"], req["options"],
+                               req.get("repo"))})
 
     def _session(self, identity: bytes, req: dict) -> SessionInfo:
         info = self.sessions.get(req["session"])

@@ -4,7 +4,9 @@ that travels on the wire and in sidecar files; messages are one line naming what
     UnbakeError                      E_INTERNAL
      ├── BadAudio                    E_BAD_AUDIO       unreadable, empty, NaN/Inf, too many channels
      ├── BadRequest                  E_BAD_REQUEST     an option out of range, a bad stem name
-     │    └── UnknownSession         E_UNKNOWN_SESSION no such session (closed, cancelled, expired)
+     │    ├── UnknownSession         E_UNKNOWN_SESSION no such session (closed, cancelled, expired)
+     │    └── NotPermitted           E_NOT_PERMITTED   a request this peer may not make (a TCP peer naming
+     │                                                 a folder on the engine's machine)
      ├── OutputError                 E_OUTPUT          cannot write where asked
      ├── ProtocolError               E_PROTOCOL        a message that breaks the wire protocol
      │    └── LimitExceeded          E_LIMIT           a size or count over the daemon's limits
@@ -45,6 +47,10 @@ class BadRequest(UnbakeError):
 
 class UnknownSession(BadRequest):
     code = "E_UNKNOWN_SESSION"
+
+
+class NotPermitted(BadRequest):
+    code = "E_NOT_PERMITTED"
 
 
 class OutputError(UnbakeError):

@@ -14,18 +14,19 @@ client picks and that every reply to it carries as ``re``)::
     hello   {client?}                                              -> hello
     status  {}                                                     -> status
     models  {}                                                     -> models
-    open    {model?, sample_rate, channels, options?}              -> ready
+    open    {model?, sample_rate, channels, options?, repo?}       -> ready
     push    {session, channels, frames}  + 1 PCM frame           -> progress*, stems*, done
     close   {session}                                              -> progress*, stems*, done
     cancel  {session}                                              -> done
 
 Replies (header keys; every reply has ``v``, ``kind`` and ``re``)::
 
-    hello     {protocol, engine_version, device, limits}                          terminal
+    hello     {protocol, engine_version, device, limits, pid, fp16, threads,
+               max_batch}                                                         terminal
     status    {uptime_s, device, models, queue_depth, sessions, served, ...}      terminal
     models    {models: [{name, sources, installed, loaded}]}                      terminal
     ready     {session, model, stems, sample_rate, channels, model_sample_rate,
-               latency_samples, options, weights_sha256}                          terminal
+               latency_samples, options, weights_sha256, repo}                    terminal
     progress  {session?, state, percent?, eta_s?}     keep-alive while a request is queued or running
     stems     {session, start, frames, channels, stems} + one PCM frame per stem, in ``stems`` order
     done      {session, frames_in, frames_out, final}                            terminal
@@ -38,6 +39,18 @@ rate) of the block's first frame in the stem; blocks of a session come in order 
 64 hex digits, or None where unknown; added in engine 0.1.0, older daemons leave it out).
 ``latency_samples`` in ``ready`` is how far the stem output may lag the input pushed: after a
 push's ``done``, the stems cover at least ``frames_in - latency_samples`` frames.
+
+``repo`` in ``open`` (``REPO_FIELD``) is a weights folder on the engine's
+machine to take this session's model(s) from instead of the engine's own (``unbake separate --repo
+DIR``): an absolute path, at most ``MAX_REPO_PATH_CHARS`` characters, no NUL (``check_repo_path``).
+The files in it are verified exactly as in the engine's own folder (catalog sha256, the SHA8 of
+``SIG-SHA8.th``). Only a peer of a private ``ipc://`` endpoint (a socket file of the engine's user,
+mode 0600; ``ipc_is_private``) may name one: any other peer gets ``E_NOT_PERMITTED`` and the
+daemon goes on serving. ``ready.repo`` echoes the folder asked for (None: the engine's own).
+``hello`` states the engine's settings so that a client can tell which of its flags a running
+engine does not honour: ``device`` (str), ``fp16`` (bool), ``threads`` (int, CPU threads of the
+networks), ``max_batch`` (int, segments per forward pass) and ``pid`` (int); older engines send ``device``
+only (a client then cannot tell, and says so).
 """
 from __future__ import annotations
 
@@ -80,6 +93,8 @@ MASK_EXPONENT_RANGE = (0.5, 8.0)
 TTA_CHOICES = ("swap", "polarity")
 MAX_SHIFTS = 20
 MAX_ID = 2 ** 63 - 1
+REPO_FIELD = "repo"              # open: a weights folder on the engine's machine (see above)
+MAX_REPO_PATH_CHARS = 4096       # PATH_MAX on Linux
 
 
 @dataclass(frozen=True)
@@ -239,7 +254,9 @@ def check_request(header: dict, n_pcm: int, limits: Limits) -> dict:
         if not 1 <= channels <= limits.max_channels:
             raise BadAudio(f"{where}: {channels} channels; unbake separates mono or stereo audio")
         options = _field(header, "options", (dict,), where, required=False) or {}
-        out.update(model=model, sample_rate=rate, channels=channels, options=check_options(options, where))
+        repo = _field(header, REPO_FIELD, (str,), where, required=False)
+        out.update(model=model, sample_rate=rate, channels=channels, options=check_options(options, where),
+                   repo=None if repo is None else check_repo_path(repo, where))
     elif op in SESSION_OPS:
         session = _field(header, "session", (str,), where)
         if not (0 < len(session) <= 64):
@@ -260,6 +277,37 @@ def check_request(header: dict, n_pcm: int, limits: Limits) -> dict:
                 raise ProtocolError(f"{where}: dtype {dtype!r}; only {PCM_DTYPE} (little-endian float32)")
             out.update(channels=channels, frames=frames)
     return out
+
+
+def check_repo_path(repo: str, where: str) -> str:
+    """``open``'s ``repo``: a non-empty absolute POSIX path (str) of at most MAX_REPO_PATH_CHARS
+    characters, without NUL; returned as it is (not normalised: the engine resolves it). Whether the
+    peer may name a path at all is the daemon's decision (``ipc_is_private``), not checked here.
+    Raises ProtocolError (not a str), BadRequest (empty, relative, too long, NUL)."""
+    if not isinstance(repo, str):
+        raise ProtocolError(f"{where}: {REPO_FIELD!r} must be str, got {type(repo).__name__}")
+    if not 0 < len(repo) <= MAX_REPO_PATH_CHARS:
+        raise BadRequest(f"{where}: {REPO_FIELD!r} must be 1 to {MAX_REPO_PATH_CHARS} characters")
+    if "\0" in repo:
+        raise BadRequest(f"{where}: {REPO_FIELD!r} contains a NUL character")
+    if not repo.startswith("/"):
+        raise BadRequest(f"{where}: {REPO_FIELD!r} must be an absolute path, got {repo[:200]!r}")
+    return repo
+
+
+def ipc_is_private(endpoint: str) -> bool:
+    """May a peer of a daemon bound at ``endpoint`` name files on its machine (``open.repo``)?
+
+    True only for ``ipc://PATH`` with a file-system path (the daemon creates the socket file 0600
+    in a folder it made 0700, so only its own user, or root, can connect) and ``inproc://`` (the same
+    process). False for ``tcp://`` (any local user reaches 127.0.0.1; CURVE peers are remote) and for
+    Linux abstract sockets ``ipc://@NAME``, which have no file permissions."""
+    if endpoint.startswith("inproc://"):
+        return True
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://"):]
+        return bool(path) and not path.startswith("@")
+    return False
 
 
 def check_options(options: dict, where: str) -> dict:

@@ -38,13 +38,16 @@ def default_memory_budget_bytes(device: torch.device) -> int:
 
 class Service:
     """device: a name for engine.devices.pick_device (None: best available). fp16: CUDA autocast.
-    emit: the daemon's thread-safe reply function (identity, header, pcm)."""
+    repo: the engine's own weights folder (None: $UNBAKE_REPO or the user cache). threads: CPU
+    threads of the networks (None: torch's default). emit: the daemon's thread-safe reply function
+    (identity, header, pcm)."""
 
     def __init__(self, emit: Callable, *, device: str | None = None, fp16: bool = False, repo=None,
                  threads: int | None = None, max_batch: int | None = None, max_queue_delay_s: float = 0.002,
                  memory_budget_gb: float | None = None, limits: P.Limits = P.Limits()):
         if threads:
             torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
         self.device = devices.pick_device(device)
         self.dtype = devices.pick_dtype(self.device, fp16)
         self.repo = repo
@@ -62,14 +65,24 @@ class Service:
         self.cache.release(name)
         return name
 
-    def open(self, sid: str, model: str | None, sample_rate: int, channels: int, options: dict) -> dict:
+    def settings(self) -> dict:
+        """What this engine computes with, as ``hello`` states it: device (str), fp16 (bool),
+        threads (int), max_batch (int)."""
+        return {"device": str(self.device), "fp16": self.dtype == torch.float16, "threads": self.threads,
+                "max_batch": self.scheduler.max_batch}
+
+    def open(self, sid: str, model: str | None, sample_rate: int, channels: int, options: dict,
+             repo: str | None = None) -> dict:
         """Load (or share) the model, start the session's track, register it with the scheduler.
         ``model`` may be a separation preset (engine.presets): its models are loaded, an ensemble
-        is an engine.ensemble.EnsembleTrack. Returns the ``ready`` reply's fields.
+        is an engine.ensemble.EnsembleTrack. ``repo``: a weights folder for this session instead of
+        the engine's own (None); its files are verified the same way, and its models are cached apart
+        from same-named ones of other folders (engine.cache). The daemon decides whether the peer
+        may name one. Returns the ``ready`` reply's fields.
         Raises ModelError, BadRequest, QueueFull."""
         if presets.is_preset(model):
-            return self._open_preset(sid, model, sample_rate, channels, options)
-        name, net = self.cache.acquire(model)
+            return self._open_preset(sid, model, sample_rate, channels, options, repo)
+        name, net = self.cache.acquire(model, repo)
         try:
             opts = dict(options)
             two_stems = opts.pop("two_stems", None)
@@ -81,38 +94,41 @@ class Service:
                 raise BadRequest(f"session {sid}: {e}") from None
             if residual:
                 track = ResidualTrack(track, residual)
-            self.scheduler.add(sid, track, name, on_removed=lambda: self.cache.release(name))
+            self.scheduler.add(sid, track, name, on_removed=lambda: self.cache.release(name, repo))
         except BaseException:
-            self.cache.release(name)
+            self.cache.release(name, repo)
             raise
         return {"session": sid, "model": name, "stems": track.stems, "sample_rate": sample_rate,
                 "channels": channels, "model_sample_rate": net.sample_rate,
                 "latency_samples": track.latency_samples, "options": options,
-                "weights_sha256": registry.weights_sha256(name, self.repo)}
+                "weights_sha256": registry.weights_sha256(name, self.repo if repo is None else repo),
+                "repo": repo}
 
-    def _open_preset(self, sid: str, preset: str, sample_rate: int, channels: int, options: dict) -> dict:
-        plan = presets.resolve(preset, options, self.repo)
+    def _open_preset(self, sid: str, preset: str, sample_rate: int, channels: int, options: dict,
+                     repo: str | None = None) -> dict:
+        folder = self.repo if repo is None else repo
+        plan = presets.resolve(preset, options, folder)
         held: list[str] = []
         try:
             models = {}
             for m in dict.fromkeys(m.model for m in plan.members):
-                name, models[m] = self.cache.acquire(m)
+                name, models[m] = self.cache.acquire(m, repo)
                 held.append(name)
             track = open_track(plan, models, sample_rate, channels, where=f"session {sid}", dtype=self.dtype)
 
             def release() -> None:
                 for name in held:
-                    self.cache.release(name)
+                    self.cache.release(name, repo)
             self.scheduler.add(sid, track, preset, on_removed=release)
         except BaseException:
             for name in held:
-                self.cache.release(name)
+                self.cache.release(name, repo)
             raise
         names = list(models)
-        sha = [registry.weights_sha256(m, self.repo) for m in names]
+        sha = [registry.weights_sha256(m, folder) for m in names]
         return {"session": sid, "model": preset, "stems": track.stems, "sample_rate": sample_rate,
                 "channels": channels, "model_sample_rate": models[names[0]].sample_rate,
-                "latency_samples": track.latency_samples, "options": options,
+                "latency_samples": track.latency_samples, "options": options, "repo": repo,
                 "weights_sha256": sha[0] if len(sha) == 1 else (
                     None if None in sha else hashlib.sha256("".join(
                         f"{m} {h}\n" for m, h in zip(names, sha)).encode()).hexdigest())}
@@ -124,10 +140,9 @@ class Service:
                 for name, spec in weights.catalog().items()]
 
     def status(self) -> dict:
-        return {"device": str(self.device), "models": self.cache.info(),
+        return {**self.settings(), "models": self.cache.info(),
                 "memory_budget_gb": None if self.cache.budget is None else round(self.cache.budget / GB, 2),
-                "queue_depth": self.scheduler.queue_depth, "max_batch": self.scheduler.max_batch,
-                "batches": self.scheduler.batches, "segments": self.scheduler.segments}
+                "queue_depth": self.scheduler.queue_depth, "batches": self.scheduler.batches, "segments": self.scheduler.segments}
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self.scheduler.stop(timeout_s)

@@ -84,6 +84,9 @@ option_values = st.fixed_dictionaries({}, optional={
     "transition_power": st.one_of(st.integers(1, 16), st.floats(1, 16)),
 })
 ids = st.integers(0, protocol.MAX_ID)
+# open.repo: absolute paths of any characters but NUL, up to the limit
+repo_paths = st.text(alphabet=st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
+                     max_size=protocol.MAX_REPO_PATH_CHARS - 1).map(lambda t: "/" + t)
 session_ids = st.text(min_size=1, max_size=64)
 
 
@@ -102,6 +105,9 @@ def requests(draw) -> tuple[str, list]:
         model = draw(st.none() | st.text(min_size=1, max_size=200))
         if model is not None:
             fields["model"] = model
+        repo = draw(st.none() | repo_paths)
+        if repo is not None:
+            fields["repo"] = repo
         return op, protocol.request(op, rid, **fields)
     session = draw(session_ids)
     if op == protocol.PUSH:
@@ -148,6 +154,33 @@ def test_check_request_accepts_every_request_the_client_builds(op_wire):
     req, pcm = validate(as_bytes(wire))
     assert req["op"] == op
     assert (pcm is not None) == (op == protocol.PUSH)
+
+
+@given(st.one_of(repo_paths, st.text(max_size=50), st.text(min_size=protocol.MAX_REPO_PATH_CHARS - 2,
+                                                          max_size=protocol.MAX_REPO_PATH_CHARS + 2).map(lambda t: "/" + t),
+                 repo_paths.flatmap(lambda p: st.integers(0, len(p)).map(lambda i: p[:i] + "\0" + p[i:]))))
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@example("/")
+@example("relative")
+@example("/" + "x" * (protocol.MAX_REPO_PATH_CHARS - 1))
+@example("/" + "x" * protocol.MAX_REPO_PATH_CHARS)
+def test_open_repo_is_an_absolute_path_without_nul_within_the_limit(repo):
+    """open.repo: accepted exactly when absolute, 1..MAX_REPO_PATH_CHARS characters, no NUL; carried
+    through as it is; anything else is E_BAD_REQUEST (a header that still fits the header limit)."""
+    header = {"v": 1, "op": "open", "id": 9, "sample_rate": 44100, "channels": 2, "repo": repo}
+    ok = repo.startswith("/") and 0 < len(repo) <= protocol.MAX_REPO_PATH_CHARS and "\0" not in repo
+    err = rejected([protocol.pack(header)])
+    if ok:
+        assert err is None, err
+        req, _ = validate([protocol.pack(header)])
+        assert req["repo"] == repo
+    else:
+        assert err is not None and err.code == "E_BAD_REQUEST", (repo[:80], err)
+
+
+def test_open_without_repo_carries_none():
+    req, _ = validate([protocol.pack({"v": 1, "op": "open", "id": 1, "sample_rate": 44100, "channels": 1})])
+    assert req["repo"] is None and protocol.REPO_FIELD == "repo"
 
 
 @given(pcm_blocks(max_frames=2000), st.integers(0, 2 ** 40), st.integers(0, protocol.MAX_ID))
@@ -224,7 +257,7 @@ def test_any_field_of_any_type_is_rejected_or_valid(op_wire, data):
     op, wire = op_wire
     wire = as_bytes(wire)
     header = msgpack.unpackb(wire[0], raw=False)
-    key = data.draw(st.sampled_from(sorted(header) + ["options.segment_s", "options.overlap",
+    key = data.draw(st.sampled_from(sorted(header) + ["repo", "options.segment_s", "options.overlap",
                                                       "options.shifts", "options.seed",
                                                       "options.two_stems", "options.nope"]))
     value = data.draw(msgpack_values | st.just("<drop>"))
@@ -242,10 +275,10 @@ def test_any_field_of_any_type_is_rejected_or_valid(op_wire, data):
 
 
 @pytest.mark.parametrize("field", ["v", "op", "id", "model", "sample_rate", "channels", "options",
-                                   "session", "frames"])
+                                   "session", "frames", "repo"])
 @pytest.mark.parametrize("value", [None, True, 1.5, -1, "x", b"x", [1], {"a": 1}, 2 ** 64 - 1])
 def test_wrong_types_for_every_field(field, value):
-    op = {"model": "open", "sample_rate": "open", "options": "open"}.get(field, "push")
+    op = {"model": "open", "sample_rate": "open", "options": "open", "repo": "open"}.get(field, "push")
     header = {"v": 1, "op": op, "id": 7}
     if op == "open":
         header.update(sample_rate=44100, channels=2, model="htdemucs", options={})
@@ -256,8 +289,10 @@ def test_wrong_types_for_every_field(field, value):
     code = code_of([protocol.pack(header), *pcm])
     if field == "options" and value in (None, {}):
         assert code is None
-    elif field == "model" and value is None or field in ("session", "model") and value == "x":
+    elif field in ("model", "repo") and value is None or field in ("session", "model") and value == "x":
         assert code is None
+    elif field == "repo" and value == "x":
+        assert code == "E_BAD_REQUEST"  # a relative path
     elif field == "options" and value == {"a": 1}:
         assert code == "E_BAD_REQUEST"  # unknown option
     elif field in ("channels", "frames", "sample_rate") and isinstance(value, int) and not isinstance(value, bool):
