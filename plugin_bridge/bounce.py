@@ -463,7 +463,10 @@ class Settings:
     options, None for the model's default); chain (a preset name or path, or None); jobs (inputs in
     flight at once, >= 1); verify (hash every output when checking a resume); endpoint (None:
     $UNBAKE_ENDPOINT, else the per-user socket, autostarted); daemon_args (for an autostarted
-    engine); timeout_s (the client's reply timeout)."""
+    engine); timeout_s (the client's reply timeout); repo (a weights folder for every session of
+    the run, however the engine was started: ``Client(repo=...)``; None: the engine's own);
+    engine_flags ({device, fp16}: the engine settings asked for, checked against the running
+    engine by ``plugin_bridge.cli.engine_flag_warnings``)."""
     out_dir: Path = Path("separated")
     model: str | None = None
     template: str = DEFAULT_TEMPLATE
@@ -475,6 +478,8 @@ class Settings:
     endpoint: str | None = None
     daemon_args: list = field(default_factory=list)
     timeout_s: float = 10.0
+    repo: str | None = None
+    engine_flags: dict = field(default_factory=dict)
 
     def output_format(self):
         from engine.stemfiles import OutputFormat
@@ -512,12 +517,13 @@ class Result:
 class Context:
     """What every input of a run shares: identity ({model, chain, options} for the sidecar and the
     resume check), stems (list[str], the model's), engine_version, device (the daemon's), preset
-    (a ``plugin_bridge.chains.ChainPreset`` or None)."""
+    (a ``plugin_bridge.chains.ChainPreset`` or None), hello (the daemon's hello reply)."""
     identity: dict
     stems: list[str]
     engine_version: str
     device: str
     preset: Any = None
+    hello: dict = field(default_factory=dict)
 
 
 def _one_line(e: BaseException, path: Path | None = None) -> str:
@@ -618,7 +624,8 @@ def _connect(settings: Settings):
     from engine.protocol import default_endpoint
     from plugin_bridge.client import Client
     endpoint = settings.endpoint or default_endpoint()
-    return Client(endpoint, autostart=True, timeout_s=settings.timeout_s, daemon_args=settings.daemon_args)
+    return Client(endpoint, autostart=True, timeout_s=settings.timeout_s, daemon_args=settings.daemon_args,
+                  repo=settings.repo)
 
 
 def prepare(client, settings: Settings) -> Context:
@@ -649,13 +656,14 @@ def prepare(client, settings: Settings) -> Context:
     identity = {"model": {"name": name, "weights_sha256": weights}, "chain": chain,
                 "options": settings.recorded_options()}
     return Context(identity, stems, str(hello.get("engine_version") or engine.__version__),
-                   str(hello.get("device") or "?"), preset)
+                   str(hello.get("device") or "?"), preset, hello)
 
 
 def run(args: Iterable[str], settings: Settings, *, lists: Iterable[str] = (),
-        log: Callable[[str], None] | None = None) -> list[Result]:
+        log: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None) -> list[Result]:
     """Bounce every input ``args`` and ``lists`` name (``expand_inputs``), ``settings.jobs`` at a
-    time; returns one Result per input, in input order. log(line) hears of each input as it ends.
+    time; returns one Result per input, in input order. log(line) hears of each input as it ends;
+    warn(line) of each of ``settings.engine_flags`` the running engine does not honour.
 
     Raises (before any input is bounced) BadRequest for no inputs or a bad template / output format,
     and the errors of ``prepare`` (no engine, unknown model, bad chain preset).
@@ -671,6 +679,10 @@ def run(args: Iterable[str], settings: Settings, *, lists: Iterable[str] = (),
     local = threading.local()
     try:
         ctx = prepare(first, settings)
+        if warn is not None and settings.engine_flags:
+            from .cli import engine_flag_warnings
+            for line in engine_flag_warnings(ctx.hello, first.endpoint, **settings.engine_flags):
+                warn(line)
         model_dir = ctx.identity["model"]["name"] + (f"+{ctx.preset.name}" if ctx.preset is not None else "")
         inputs = expand_inputs(args, lists=lists, exclude=[out_dir, out_dir / model_dir])
         jobs = plan(inputs, out_dir, model_dir, ctx.stems, settings.output_format(), template=settings.template,
@@ -770,9 +782,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default=None, metavar="ENDPOINT",
                    help="the engine's address (default: $UNBAKE_ENDPOINT, else the per-user socket; "
                         "started in the background if none answers)")
-    p.add_argument("--repo", default=None, help="weights folder, for an engine this command starts")
-    p.add_argument("-d", "--device", default=None, help="device, for an engine this command starts")
-    p.add_argument("--fp16", action="store_true", help="half precision on CUDA, for an engine this command starts")
+    p.add_argument("--repo", default=None, help="weights folder for this run's models, however the engine was "
+                                                "started (an engine on an ipc:// socket)")
+    p.add_argument("-d", "--device", default=None,
+                   help="device, for an engine this command starts (a running one keeps its own: a warning says so)")
+    p.add_argument("--fp16", action="store_true",
+                   help="half precision on CUDA, for an engine this command starts (a running one keeps its "
+                        "own: a warning says so)")
     p.add_argument("--timeout-s", type=float, default=10.0, metavar="S",
                    help="give up on the engine after S seconds without a reply (default 10)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines (the summary table is printed)")
@@ -787,13 +803,13 @@ def settings_from_args(args) -> Settings:
         raise BadRequest(f"--jobs must be >= 1, got {args.jobs}")
     fmt = OutputFormat(ext="flac" if args.flac else "mp3" if args.mp3 else "wav",
                        bit_depth=32 if args.float32 else 24 if args.int24 else 16, mp3_bitrate_kbps=args.mp3_bitrate)
-    daemon_args = (["-d", args.device] if args.device else []) + (["--fp16"] if args.fp16 else []) \
-        + (["--repo", str(args.repo)] if args.repo else [])
+    daemon_args = (["-d", args.device] if args.device else []) + (["--fp16"] if args.fp16 else [])
     return Settings(out_dir=Path(args.out), model=args.model, template=args.filename, fmt=fmt,
                     options={"segment_s": args.segment, "overlap": args.overlap, "shifts": args.shifts,
                              "two_stems": args.two_stems},
                     chain=args.chain, jobs=args.jobs, verify=args.verify, endpoint=args.endpoint,
-                    daemon_args=daemon_args, timeout_s=args.timeout_s)
+                    daemon_args=daemon_args, timeout_s=args.timeout_s, repo=args.repo,
+                    engine_flags={"device": args.device, "fp16": args.fp16})
 
 
 def cmd_bounce(args) -> int:
@@ -805,7 +821,8 @@ def cmd_bounce(args) -> int:
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
         settings = settings_from_args(args)
-        results = run(args.inputs, settings, lists=args.lists, log=log)
+        results = run(args.inputs, settings, lists=args.lists, log=log,
+                      warn=lambda line: print(f"warning: {line}", file=sys.stderr, flush=True))
     except UnbakeError as e:
         err(str(e))
         return 1

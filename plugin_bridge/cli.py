@@ -130,14 +130,46 @@ def _output_format(args):
                         mp3_bitrate_kbps=args.mp3_bitrate)
 
 
-def _separate_files(args, run_one) -> int:
+def unusable_inputs(files: list[str]) -> dict[int, Exception]:
+    """{index: BadAudio} for the inputs that cannot be separated at all, found before any model is
+    loaded or engine contacted: missing, a folder, not audio, empty, truncated, more than 2 channels
+    (``engine.stemfiles.open_input`` on each, header only). A folder is an error rather than searched:
+    ``separate`` writes OUT/MODEL/TRACK/STEM, where the files of a folder tree sharing a name
+    (``*/mixture.wav``) would overwrite each other; ``unbake bounce DIR`` searches folders and keeps
+    such names apart (and resumes)."""
+    from engine.errors import BadAudio, UnbakeError
+    from engine.stemfiles import open_input
+    out: dict[int, Exception] = {}
+    for i, file in enumerate(files):
+        path = Path(file)
+        try:
+            if path.is_dir():
+                raise BadAudio(f"{path}: is a folder; `unbake separate` takes audio files "
+                               f"(`unbake bounce {path}` separates every audio file in a folder)")
+            open_input(path).close()
+        except UnbakeError as e:
+            out[i] = e
+        except OSError as e:
+            out[i] = BadAudio(f"{path}: cannot read ({e.strerror or e})")
+    return out
+
+
+def _separate_files(args, run_one, unusable: dict[int, Exception] | None = None) -> int:
     """The loop over the input files, shared by both paths: progress bar, one line per failure,
-    clip warnings, summary. ``run_one(path, progress)`` returns a TrackReport or raises UnbakeError."""
+    clip warnings, summary. ``run_one(path, progress)`` returns a TrackReport or raises UnbakeError;
+    it is not called for the inputs in ``unusable`` ({index: error}, ``unusable_inputs``), whose
+    errors are reported in their place (``run_one`` may be None when every input is unusable)."""
     from engine.errors import UnbakeError
     show_bar = not args.quiet and sys.stderr.isatty()
     failed = 0
-    for file in args.files:
+    unusable = unusable or {}
+    for i, file in enumerate(args.files):
         path = Path(file)
+        if i in unusable:
+            failed += 1
+            msg = str(unusable[i])
+            _err(msg if msg.startswith(str(path)) else f"{path}: {msg}")
+            continue
         bar = None
         try:
             if show_bar:
@@ -182,10 +214,13 @@ def cmd_separate(args) -> int:
             _err("--chain runs through the engine daemon: drop --in-process")
             return EXIT_USAGE
         args.model = args.model or args.chain_preset.model
-    return _separate_in_process(args) if args.in_process else _separate_via_daemon(args)
+    unusable = unusable_inputs(args.files)
+    if len(unusable) == len(args.files):  # nothing to separate: no model loaded, no engine contacted
+        return _separate_files(args, None, unusable)
+    return _separate_in_process(args, unusable) if args.in_process else _separate_via_daemon(args, unusable)
 
 
-def _separate_in_process(args) -> int:
+def _separate_in_process(args, unusable: dict[int, Exception] | None = None) -> int:
     from engine.errors import UnbakeError
     from engine.separate import stem_paths, write_track
     try:
@@ -202,23 +237,70 @@ def _separate_in_process(args) -> int:
         dests = stem_paths(Path(args.out), name, path, stems, fmt, args.filename)
         return write_track(path, dests, fmt, open_track, progress=progress)
 
-    return _separate_files(args, run_one)
+    return _separate_files(args, run_one, unusable)
 
 
 def _daemon_args(args) -> list[str]:
-    """The engine settings of ``separate`` for a daemon the client has to start."""
+    """The engine settings of ``separate`` for a daemon the client has to start. Not ``--repo``:
+    that travels with each session (``Client(repo=...)``), so that an engine started by this command,
+    which outlives it by IDLE_EXIT_S, does not give the folder to the commands after it."""
     out = []
     if args.device:
         out += ["-d", args.device]
-    if args.fp16:
+    if getattr(args, "fp16", False):
         out.append("--fp16")
-    if args.jobs:
+    if getattr(args, "jobs", None):
         out += ["-j", str(args.jobs)]
-    if args.batch_segments:
+    if getattr(args, "batch_segments", None):
         out += ["--max-batch", str(args.batch_segments)]
-    if args.repo:
-        out += ["--repo", str(args.repo)]
     return out
+
+
+def _device_honoured(asked: str, used: str) -> bool:
+    """Does an engine on device ``used`` (``str(torch.device)``: cpu, cuda, cuda:1, mps) do what
+    ``-d asked`` asks? ``cuda`` is any CUDA device; ``cuda:N`` that one (``cuda`` counts as
+    ``cuda:0``); ``auto`` anything."""
+    if asked in ("", "auto"):
+        return True
+    a_type, _, a_index = asked.strip().lower().partition(":")
+    u_type, _, u_index = used.partition(":")
+    if a_type != u_type:
+        return False
+    return not a_index or a_index == (u_index or "0")
+
+
+def engine_flag_warnings(hello: dict, endpoint: str, *, device: str | None = None, fp16: bool = False,
+                         jobs: int | None = None, batch_segments: int | None = None) -> list[str]:
+    """One line (without the ``warning: `` prefix) per engine flag given that the engine which
+    answered ``hello`` at ``endpoint`` does not honour: ``-d`` (device), ``--fp16``, ``-j`` (CPU
+    threads), ``--batch-segments`` (its ``--max-batch``). Each says what the engine uses and how to get
+    what was asked. Flags not given (None / False) are not checked. An engine that does not state a
+    setting in ``hello`` (older ones state the device only) counts as not honouring it."""
+    pid = hello.get("pid")
+    stop = f"kill {pid}" if isinstance(pid, int) else "`unbake status` shows its pid"
+    checks = []
+    if device:
+        used = hello.get("device")
+        checks.append((isinstance(used, str) and _device_honoured(device, used),
+                       used if isinstance(used, str) else "an unstated device", device, f"-d {device}",
+                       f"-d {device}"))
+    if fp16:
+        used = hello.get("fp16")
+        checks.append((used is True, "float32" if used is False else "an unstated precision", "float16",
+                       "--fp16", "--fp16"))
+    if jobs:
+        used = hello.get("threads")
+        checks.append((used == jobs, f"{used} CPU threads" if isinstance(used, int) else "unstated CPU threads",
+                       f"{jobs}", f"-j {jobs}", f"-j {jobs}"))
+    if batch_segments:
+        used = hello.get("max_batch")
+        checks.append((used == batch_segments, f"{used} segment(s) per forward pass" if isinstance(used, int)
+                       else "an unstated batch size", f"{batch_segments}", f"--batch-segments {batch_segments}",
+                       f"--max-batch {batch_segments}"))
+    return [f"the running engine at {endpoint} uses {used}, not {asked} ({flag}); stop it ({stop}) so that "
+            f"this command starts one with {flag}, or start one with `unbake serve {serve_flag} --endpoint "
+            f"ENDPOINT` and pass --endpoint ENDPOINT"
+            for ok, used, asked, flag, serve_flag in checks if not ok]
 
 
 def _endpoint(args) -> str:
@@ -226,8 +308,8 @@ def _endpoint(args) -> str:
     return args.endpoint or default_endpoint()
 
 
-def _separate_via_daemon(args) -> int:
-    from engine.errors import EngineUnavailable, UnbakeError
+def _separate_via_daemon(args, unusable: dict[int, Exception] | None = None) -> int:
+    from engine.errors import EngineUnavailable, NotPermitted, UnbakeError
     from engine.stemfiles import stem_paths
     from plugin_bridge.client import Client
     from plugin_bridge.files import separate_file_via
@@ -250,16 +332,20 @@ def _separate_via_daemon(args) -> int:
         return EXIT_FAILED
 
     def connect():
-        return Client(endpoint, autostart=True, daemon_args=_daemon_args(args))
+        return Client(endpoint, autostart=True, daemon_args=_daemon_args(args), repo=args.repo)
 
     try:
         clients = [connect()]
     except UnbakeError as e:
-        _err(str(e))
+        _err(f"--repo {args.repo}: {e}" if args.repo else str(e))
         return EXIT_FAILED
     try:
         try:
-            device = clients[0].hello().get("device", "?")
+            hello = clients[0].hello()
+            device = hello.get("device", "?")
+            for line in engine_flag_warnings(hello, endpoint, device=args.device, fp16=args.fp16, jobs=args.jobs,
+                                             batch_segments=args.batch_segments):
+                _warn(line)
             # One session opened and cancelled up front: the model is loaded, its name known, and a bad
             # model, stem or option is one line before any file is read (as in process).
             probe = clients[0].open(args.model, 44100, 2, **options)
@@ -268,6 +354,11 @@ def _separate_via_daemon(args) -> int:
                 probe.cancel()
             except UnbakeError:
                 pass
+        except NotPermitted:
+            _err(f"--repo {args.repo}: the engine at {endpoint} does not open folders its peers name (only "
+                 f"peers of its own ipc:// socket may); use an engine on an ipc:// endpoint, or start one "
+                 f"with `unbake serve --repo {args.repo}`")
+            return EXIT_FAILED
         except UnbakeError as e:
             _err(str(e))
             return EXIT_FAILED
@@ -279,7 +370,8 @@ def _separate_via_daemon(args) -> int:
                 _err(str(e))
                 return EXIT_USAGE
         if not args.quiet:
-            print(f"model {name} on {device} (engine at {endpoint}) -> {Path(args.out) / name}", file=sys.stderr)
+            print(f"model {name}{f' from {clients[0].repo}' if args.repo else ''} on {device} (engine at "
+                  f"{endpoint}) -> {Path(args.out) / name}", file=sys.stderr)
 
         def run_one(path, progress):
             def dests(model_name, stems):
@@ -299,7 +391,7 @@ def _separate_via_daemon(args) -> int:
                 raise
             return report
 
-        return _separate_files(args, run_one)
+        return _separate_files(args, run_one, unusable)
     finally:
         clients[-1].close()
 
@@ -334,7 +426,8 @@ def format_status(st: dict) -> str:
             idle = m.get("idle_s")
             lines.append(f"  {m.get('name', '?'):<18} " + (f"{mem:>6.0f} MB  " if mem is not None else "")
                          + f"{m.get('sessions', 0)} session(s)"
-                         + (f", idle {_format_duration(idle)}" if idle is not None else ""))
+                         + (f", idle {_format_duration(idle)}" if idle is not None else "")
+                         + (f", from {m['repo']}" if m.get("repo") else ""))
     else:
         lines.append("models loaded: none")
     lines.append(f"{st.get('sessions', 0)} session(s) open, queue depth {st.get('queue_depth', 0)}, "
@@ -560,17 +653,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "separate", help="separate audio files into stems (demucs-style options)",
         description="Separate audio files into stems. By default through the unbake engine daemon at "
-                    "--endpoint, started in the background if none answers there; -d, --fp16, -j, "
-                    "--batch-segments (the engine's --max-batch) and --repo are settings of that engine: "
-                    "they apply when this command starts it, an engine already running keeps its own "
-                    "(`unbake status` shows its device). --in-process loads the model in this process instead.")
+                    "--endpoint, started in the background if none answers there. --repo DIR applies to "
+                    "this command's sessions however the engine was started (an engine on an ipc:// "
+                    "socket). -d, --fp16, -j and --batch-segments (the engine's --max-batch) are settings "
+                    "of the engine: they apply when this command starts it; an engine already running "
+                    "keeps its own, and a warning says which of them it does not honour and how to get "
+                    "them. --in-process loads the model in this process instead.")
     _add_model_args(p)
     p.add_argument("--endpoint", default=None, metavar="ENDPOINT",
                    help="the engine's address: ipc://PATH or tcp://HOST:PORT (default: $UNBAKE_ENDPOINT, "
                         "else the per-user socket ipc://$XDG_RUNTIME_DIR/unbake/engine.sock)")
     p.add_argument("--in-process", action="store_true",
                    help="load the model and separate in this process, without the engine daemon")
-    p.add_argument("files", nargs="+", help="audio files (wav, flac, mp3, ogg, aiff)")
+    p.add_argument("files", nargs="+", help="audio files (wav, flac, mp3, ogg, aiff; a folder is an error: "
+                                            "`unbake bounce` searches folders)")
     p.add_argument("-o", "--out", default="separated", help="output folder (default: ./separated)")
     p.add_argument("--two-stems", default=None, metavar="STEM", help="write STEM and no_STEM only")
     p.add_argument("--residual", action="store_true",

@@ -12,7 +12,7 @@ How the client maps to the wire protocol (``engine.protocol``, version 1)::
                                               and poll hello until it answers
     .hello() / .status() / .models()  ---->   hello | status | models   --> one terminal reply
                                               (Lazy Pirate: timeout -> new socket, resend, `retries` times)
-    .open(model, rate, channels)  -------->   open {model, sample_rate, channels, options}
+    .open(model, rate, channels)  -------->   open {model, sample_rate, channels, options, repo?}
                                          <--  progress* ... ready {session, stems, latency_samples, ...}
         Session.push(block)  ------------->   push {session, channels, frames} + 1 PCM frame
                                          <--  progress* stems* done     (stems.start checked, no gaps)
@@ -81,6 +81,15 @@ _SPAWNED: list[subprocess.Popen] = []  # keep spawned daemons referenced (no Res
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+def _repo_path(repo) -> str | None:
+    """A weights folder as ``open.repo`` carries it: absolute (``~`` expanded, relative to this
+    process's working folder), checked by ``protocol.check_repo_path``; None stays None."""
+    if repo is None:
+        return None
+    path = os.path.abspath(os.path.expanduser(os.fspath(repo)))
+    return protocol.check_repo_path(path, "repo")
+
 
 def _rate(sample_rate) -> int:
     """A sample rate as an int (44100, np.int64(44100) or 44100.0); else BadRequest."""
@@ -628,7 +637,12 @@ class Client:
         of its certificate file; default ``$UNBAKE_CURVE_SERVER_KEY``. None: no encryption.
     curve_secret_key: the path of this client's secret certificate file (zmq ``.key_secret``);
         default ``$UNBAKE_CURVE_CLIENT_CERT``; None with a server key: an ephemeral key pair.
-    daemon_args: extra arguments for an autostarted daemon (e.g. ``["--repo", "/path/weights"]``).
+    daemon_args: extra arguments for an autostarted daemon (e.g. ``["-d", "cuda"]``).
+    repo: a weights folder (str or path; ``~`` and relative paths are made absolute here) that the
+        sessions of this client take their models from instead of the engine's own, however the
+        engine was started (``open``'s ``repo`` overrides it per session). Default None: the engine's.
+        Only an engine on a private ipc:// socket accepts it (NotPermitted, code E_NOT_PERMITTED,
+        from any other); its files are verified as in the engine's own folder.
 
     Errors: EngineUnavailable (no daemon answered in time, it could not be started, or it is
     shutting down), the daemon's typed errors (``engine.errors``: BadAudio, BadRequest, QueueFull,
@@ -639,7 +653,7 @@ class Client:
     def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, retries: int = 2,
                  autostart: bool | None = None, start_timeout_s: float = 120.0,
                  curve_server_key: bytes | str | None = None, curve_secret_key: str | None = None,
-                 daemon_args: list[str] = ()):
+                 daemon_args: list[str] = (), repo: str | os.PathLike | None = None):
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         if int(retries) < 0:
@@ -650,6 +664,7 @@ class Client:
         self.autostart = (endpoint is None) if autostart is None else bool(autostart)
         self.start_timeout_s = float(start_timeout_s)
         self.daemon_args = [os.fspath(a) for a in daemon_args]
+        self.repo: str | None = _repo_path(repo)
         self._curve = _curve_keys(curve_server_key, curve_secret_key)
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
@@ -686,12 +701,17 @@ class Client:
             raise ProtocolError(f"models reply: 'models' must be a list, got {type(models).__name__}")
         return models
 
-    def open(self, model: str | None, sample_rate: int, channels: int, **options) -> Session:
+    def open(self, model: str | None, sample_rate: int, channels: int, *,
+             repo: str | os.PathLike | None = None, **options) -> Session:
         """Open a session: a track at ``sample_rate`` Hz with ``channels`` (1 or 2) channels, fed with
         ``Session.push``. ``model``: a name (``Client.models()``) or None for the daemon's default.
-        ``options``: segment_s, overlap, shifts, seed, two_stems, transition_power (None: default).
-        Not retried. Raises the daemon's errors (UnknownModel, WeightsMissing, QueueFull, ...)."""
+        ``repo``: a weights folder for this session (default: the Client's ``repo``, else the
+        engine's own). ``options``: segment_s, overlap, shifts, seed, two_stems, transition_power
+        (None: default). Not retried. Raises the daemon's errors (UnknownModel, WeightsMissing,
+        ChecksumMismatch, QueueFull, NotPermitted for ``repo`` on a TCP engine, ...), BadRequest
+        for a ``repo`` that is not a usable path."""
         rate = _rate(sample_rate)
+        repo = self.repo if repo is None else _repo_path(repo)
         if isinstance(channels, bool):
             raise BadAudio(f"channels must be 1 or 2, got {channels!r}")
         channels = operator.index(channels)
@@ -700,6 +720,8 @@ class Client:
         fields: dict[str, Any] = {"sample_rate": rate, "channels": channels, "options": opts}
         if model is not None:
             fields["model"] = model
+        if repo is not None:
+            fields[protocol.REPO_FIELD] = repo
         rid = self._send(protocol.OPEN, **fields)
         generation = self._generation
         try:
@@ -714,18 +736,20 @@ class Client:
         return session
 
     def stream(self, model: str | None, sample_rate: int, channels: int, **options) -> StemStream:
-        """``open`` a session wrapped as a ``StemStream`` (plugin-like, delayed by its latency)."""
+        """``open`` a session wrapped as a ``StemStream`` (plugin-like, delayed by its latency);
+        ``options`` as ``open`` takes them (``repo`` included)."""
         return StemStream(self.open(model, sample_rate, channels, **options))
 
     def separate(self, audio, sample_rate: int, model: str | None = None, *,
                  progress: Callable[[float], Any] | None = None, chunk_s: float = 10.0,
-                 **options) -> Stems:
+                 repo: str | os.PathLike | None = None, **options) -> Stems:
         """Separate a whole track.
 
         audio: float [channels, frames] (1 or 2 channels; a 1-D array is mono), never clipped nor
             rescaled (sent as float32). sample_rate: Hz. model: a name, or None for the daemon's default.
         progress: called with the fraction done (float in [0, 1], stem frames back / frames) as
             stems arrive. chunk_s: seconds of audio per push (3 pushes are kept in flight).
+        repo: a weights folder for this separation (as ``open``; default: the Client's ``repo``).
         options: segment_s, overlap, shifts, seed, two_stems, transition_power.
         Returns ``Stems`` with the input's length and alignment (latency compensated).
 
@@ -740,6 +764,8 @@ class Client:
         if not chunk_s > 0:
             raise ValueError(f"chunk_s must be > 0, got {chunk_s!r}")
         opts = protocol.check_options(protocol.to_plain(options), "separate")
+        if repo is not None:
+            opts["repo"] = _repo_path(repo)  # passed on to open() as its keyword
         last: EngineUnavailable | None = None
         for attempt in range(self.retries + 1):
             self._socket()  # an autostart that fails is not retried

@@ -78,7 +78,8 @@ def separate_file_via(client, path: Path, dests: DestsVia, fmt: OutputFormat, *,
     model: a model name, or None for the daemon's default.
     dests: {stem: path}, or ``dests(model_name, stems)`` returning it once the session is open.
     options: session options (engine.protocol.OPTION_TYPES: segment_s, overlap, shifts, seed,
-    two_stems, transition_power); None values are left out (the model's defaults).
+    two_stems, transition_power) and ``repo`` (a weights folder, as ``Client.open``; default: the
+    client's); None values are left out (the model's defaults).
     progress(frames_done, frames_total) is called after each block read and sent (up to 3 blocks,
     engine.stemfiles.READ_BLOCK_S each, are in flight ahead of the stems written).
     Raises what ``engine.separate.separate_file`` raises, plus the client's errors (EngineUnavailable,
