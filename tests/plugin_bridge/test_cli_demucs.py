@@ -1,8 +1,8 @@
 """`unbake separate` with HT-Demucs checkpoints in the official package format (random weights, since
 the official files cannot be downloaded here), through the same code path users hit: --repo DIR
 with SIG-SHA8.th files and a bag yaml, verified by the sha256 prefix in the file name.
-In process (--in-process): a --repo of its own is a setting of the engine, and the test engine daemon
-already runs with the shared test weights."""
+In process (--in-process) here; through a running engine started without --repo in
+test_cli_separate_repo.py."""
 import subprocess
 import sys
 

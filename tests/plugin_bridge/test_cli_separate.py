@@ -147,7 +147,7 @@ def test_unknown_model_and_missing_weights(song_excerpt, tmp_path, path):
     r = unbake("separate", *PATHS[path], "-n", "no-such-model", "-o", tmp_path / "o", song_excerpt)
     assert r.returncode == 1 and "unknown model 'no-such-model'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    # (through the daemon --repo is the running engine's business: the test engine has no htdemucs either)
+    # (through the daemon the folder travels with the session: test_cli_separate_repo.py)
     r = unbake("separate", *PATHS[path], "-n", "htdemucs", "--repo", tmp_path / "empty-repo", "-o", tmp_path / "o",
                song_excerpt)
     assert r.returncode == 1 and "unbake fetch htdemucs" in r.stderr
