@@ -1,7 +1,8 @@
-"""DAW glue, torch-free: separate what is selected in REAPER or Audacity and put the stems back, aligned.
+"""DAW glue, torch-free: separate what is selected in REAPER and put the stems back, aligned; the
+region and engine helpers that the Audacity glue (``plugin_bridge.audacity``) shares.
 
 The scripts in ``install/daw/`` are thin: they hand the host's API to the functions here, which hold
-all the logic and are tested against fakes of the host APIs with the real engine daemon.
+all the logic and are tested with the real engine daemon (REAPER through a fake of its API).
 
 - ``read_region`` / ``write_region`` / ``separate_region``: the exact region of a source file that a
   host item plays (``round(start_s * sr)``, ``round(length_s * sr)`` frames), separated offline through
@@ -9,25 +10,19 @@ all the logic and are tested against fakes of the host APIs with the real engine
   atomically (temporary name, then ``os.replace``) as ``<name>-<stem>.wav``.
 - ``reaper_separate_selected(rpr, client, out_dir)``: REAPER, through an object exposing the
   ReaScript Python API (``RPR_*`` functions, as REAPER injects them into a ReaScript's globals).
-- ``audacity_separate_selection(pipe, client, work_dir)``: Audacity, through mod-script-pipe
-  (``PipeTransport`` for the real named pipes; any object with ``send(command) -> reply`` will do).
+- Audacity: ``plugin_bridge.audacity`` (mod-script-pipe; tested against the real Audacity).
 
 Host versions assumed (see the functions): REAPER 6 or 7 with Python ReaScript enabled (the render
 of items whose take has a playrate or pitch change uses ``GetSetProjectInfo*`` RENDER_* keys and
-``RENDER_TARGETS``, REAPER 6.x+); Audacity 3.x with mod-script-pipe (``GetInfo: Type=Selection`` is
-only in recent 3.x releases; with older ones pass the selection as ``start_s``/``end_s``).
+``RENDER_TARGETS``, REAPER 6.x+).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import re
-import select
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,9 +36,8 @@ from engine.stemfiles import OutputFormat, open_input
 
 from .files import separate_file_via
 
-__all__ = ["ItemResult", "AudacityResult", "AudacityError", "PipeTransport", "read_region",
-           "write_region", "separate_region", "reaper_separate_selected", "reaper_stems_dir",
-           "audacity_separate_selection", "audacity_selection", "connect"]
+__all__ = ["ItemResult", "read_region", "write_region", "separate_region", "reaper_separate_selected",
+           "reaper_stems_dir", "safe_name", "connect"]
 
 STEM_FORMAT = OutputFormat("wav", 32)   # float32 WAV: exact, keeps peaks above 0 dBFS; both hosts read it
 HELLO_TIMEOUT_S = 5.0                   # connect(): how long the first hello may take (after any autostart)
@@ -466,223 +460,3 @@ def _reaper_render_item(rpr, item, source_file: str, work_dir: Path) -> Path:
             rpr.RPR_GetSetProjectInfo(0, key, value, True)
         for key, value in saved_strings.items():
             rpr.RPR_GetSetProjectInfo_String(0, key, value, True)
-
-
-# -- Audacity -------------------------------------------------------------------------------------
-
-class AudacityError(UnbakeError):
-    """Audacity answered a scripting command with a failure, or not at all (never on the wire)."""
-
-
-@dataclass
-class AudacityResult:
-    start_s: float
-    end_s: float
-    channels: int
-    stems: dict[str, Path] = field(default_factory=dict)
-    tracks: list[str] = field(default_factory=list)
-
-
-_FINISHED = "BatchCommand finished:"
-
-
-def _quote(value) -> str:
-    text = str(value)
-    if '"' in text or "\n" in text:
-        raise BadRequest(f"{text!r}: Audacity's scripting commands cannot carry a double quote or a newline")
-    return f'"{text}"'
-
-
-def _num(value: float) -> str:
-    return repr(float(value))
-
-
-def audacity_command(pipe, command: str) -> str:
-    """Send one scripting command; returns the reply without its status line. Raises AudacityError
-    when the status is not "OK" (the reply names the problem)."""
-    reply = pipe.send(command)
-    lines = [line for line in reply.replace("\r", "").split("\n")]
-    while lines and not lines[-1].strip():
-        lines.pop()
-    status = lines.pop() if lines and lines[-1].startswith(_FINISHED) else None
-    body = "\n".join(lines).strip()
-    if status is None or status[len(_FINISHED):].strip() != "OK":
-        raise AudacityError(f"Audacity: {command.split(':')[0]}: "
-                            f"{body or status or 'no reply'}{'' if status else ' (no status line)'}")
-    return body
-
-
-def _json(pipe, command: str):
-    body = audacity_command(pipe, command)
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise AudacityError(f"Audacity: {command}: not JSON: {body[:200]!r}") from None
-
-
-def audacity_selection(pipe) -> tuple[float, float]:
-    """The time selection (start, end) in seconds, by ``GetInfo: Type=Selection`` (recent Audacity 3.x);
-    raises AudacityError where this Audacity does not have it."""
-    try:
-        info = _json(pipe, "GetInfo: Type=Selection Format=JSON")
-    except AudacityError as e:
-        raise AudacityError(f"{e}; this Audacity cannot report its selection (GetInfo: Type=Selection, "
-                            f"recent 3.x releases): give the selection's start and end in seconds") from None
-    try:
-        return float(info["Start"]), float(info["End"])
-    except (KeyError, TypeError, ValueError):
-        raise AudacityError(f"Audacity: GetInfo: Type=Selection: unexpected reply {info!r}") from None
-
-
-def audacity_separate_selection(pipe, client, work_dir, model: str | None = None, *,
-                                start_s: float | None = None, end_s: float | None = None,
-                                name: str | None = None, **options) -> AudacityResult:
-    """Separate Audacity's selection into stems: one new track per stem, its clip at the selection start.
-
-    pipe: a transport with ``send(command) -> reply text`` (``PipeTransport`` for mod-script-pipe).
-    client: a ``plugin_bridge.client.Client``. work_dir: where the stem files are kept (Audacity 3
-    copies imported audio into the project; older versions may read them in place).
-    start_s, end_s: set the time selection first (``SelectTime``); needed with an Audacity that has no
-    ``GetInfo: Type=Selection``. name: names the stems and tracks (default: the selected track's name).
-
-    Commands, in order: ``GetInfo: Type=Selection`` (unless start_s/end_s), ``GetInfo: Type=Tracks``
-    (the selected wave tracks and their channel count), ``Export2: Filename=<tmp>.wav NumChannels=<1 or
-    2>`` (the selection of the selected tracks, mixed as Audacity mixes it, at the project rate), then
-    for each stem ``Import2: Filename=<stem>.wav`` (a new track, the only selected one),
-    ``SetTrack: Name="<name> - <stem>"`` and ``SetClip: At=<inside the clip> Start=<selection start>``
-    (the import lands at 0 s), and finally ``SelectTracks`` (the new tracks) and ``SelectTime`` (the
-    original range). The exported file is separated offline through the daemon: the stems have its
-    exact length. Raises AudacityError, BadRequest, and the client's errors.
-    """
-    if (start_s is None) != (end_s is None):
-        raise BadRequest("give both the start and the end of the selection, or neither")
-    if start_s is not None:
-        if not end_s > start_s >= 0:
-            raise BadRequest(f"selection {start_s!r}..{end_s!r} s: need 0 <= start < end")
-        audacity_command(pipe, f"SelectTime: Start={_num(start_s)} End={_num(end_s)} RelativeTo=ProjectStart")
-        t0, t1 = float(start_s), float(end_s)
-    else:
-        t0, t1 = audacity_selection(pipe)
-    if not t1 > t0:
-        raise BadRequest("nothing is selected in time: select the range to separate (drag over the audio)")
-    tracks = _json(pipe, "GetInfo: Type=Tracks Format=JSON")
-    if not isinstance(tracks, list):
-        raise AudacityError(f"Audacity: GetInfo: Type=Tracks: unexpected reply {tracks!r}")
-    waves = [t for t in tracks if isinstance(t, dict) and t.get("kind", "wave") == "wave" and t.get("selected")]
-    if not waves:
-        raise BadRequest("no audio track is selected: select the audio to separate")
-    channels = 2 if any(int(t.get("channels", 2)) >= 2 for t in waves) else 1
-    base = safe_name(name or (waves[0].get("name") if len(waves) == 1 else "") or "selection", "selection")
-    result = AudacityResult(t0, t1, channels)
-    with tempfile.TemporaryDirectory(prefix="unbake-audacity-") as tmp:
-        exported = Path(tmp) / "selection.wav"
-        audacity_command(pipe, f"Export2: Filename={_quote(exported)} NumChannels={channels}")
-        if not exported.is_file():
-            raise AudacityError(f"Audacity reported the export done but wrote no {exported}")
-        with open_input(exported) as f:
-            frames, sr = int(f.frames), int(f.samplerate)
-        result.stems = separate_region(client, exported, 0.0, frames / sr, work_dir, model, name=base, **options)
-    first_new = len(tracks)
-    for stem, path in result.stems.items():
-        with open_input(path) as f:
-            clip_s = f.frames / f.samplerate
-        track_name = f"{base} - {stem}"
-        audacity_command(pipe, f"Import2: Filename={_quote(path)}")
-        audacity_command(pipe, f"SetTrack: Name={_quote(track_name)}")
-        audacity_command(pipe, f"SetClip: At={_num(clip_s / 2)} Start={_num(t0)}")
-        result.tracks.append(track_name)
-    audacity_command(pipe, f"SelectTracks: Track={first_new} TrackCount={len(result.stems)} Mode=Set")
-    audacity_command(pipe, f"SelectTime: Start={_num(t0)} End={_num(t1)} RelativeTo=ProjectStart")
-    return result
-
-
-class PipeTransport:
-    """mod-script-pipe's named pipes: ``/tmp/audacity_script_pipe.to.<uid>`` and ``.from.<uid>`` on
-    Linux and macOS, ``\\\\.\\pipe\\ToSrvPipe`` and ``\\\\.\\pipe\\FromSrvPipe`` on Windows.
-
-    ``send(command)`` writes one command line and returns Audacity's reply (the lines up to the empty
-    line that ends it, "BatchCommand finished: OK" included). ``timeout_s``: how long to wait for a
-    reply (POSIX only; default 600 s). Raises AudacityError when Audacity is not listening.
-    """
-
-    def __init__(self, to_path: str | None = None, from_path: str | None = None, *, timeout_s: float = 600.0):
-        if sys.platform == "win32":
-            self.to_path = to_path or r"\\.\pipe\ToSrvPipe"
-            self.from_path = from_path or r"\\.\pipe\FromSrvPipe"
-            self.eol = "\r\n\0"
-        else:
-            uid = os.getuid()
-            self.to_path = to_path or f"/tmp/audacity_script_pipe.to.{uid}"
-            self.from_path = from_path or f"/tmp/audacity_script_pipe.from.{uid}"
-            self.eol = "\n"
-        self.timeout_s = float(timeout_s)
-        self._to = self._from = None
-        self._pending = b""
-
-    def _open(self) -> None:
-        hint = ("is Audacity running, with mod-script-pipe enabled (Edit > Preferences > Modules, "
-                "then restart Audacity)?")
-        if sys.platform == "win32":
-            try:
-                self._to = open(self.to_path, "wt+")  # as Audacity's own pipe_test.py
-                self._from = open(self.from_path, "rt")
-            except OSError as e:
-                raise AudacityError(f"cannot open {self.to_path}: {e.strerror or e}; {hint}") from None
-            return
-        if not (os.path.exists(self.to_path) and os.path.exists(self.from_path)):
-            raise AudacityError(f"no pipe {self.to_path}; {hint}")
-        try:  # non-blocking first: a pipe nobody reads is refused (ENXIO) instead of hanging
-            fd = os.open(self.to_path, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError as e:
-            raise AudacityError(f"cannot open {self.to_path}: {e.strerror or e}; {hint}") from None
-        os.set_blocking(fd, True)
-        self._to = fd
-        self._from = os.open(self.from_path, os.O_RDONLY)
-
-    def send(self, command: str) -> str:
-        if self._to is None:
-            self._open()
-        if sys.platform == "win32":
-            self._to.write(command + self.eol)
-            self._to.flush()
-            lines = []
-            while True:
-                line = self._from.readline()
-                if line in ("\n", ""):
-                    break
-                lines.append(line)
-            return "".join(lines)
-        data = (command + self.eol).encode("utf-8")
-        while data:
-            data = data[os.write(self._to, data):]
-        deadline = time.monotonic() + self.timeout_s
-        while b"\n\n" not in self._pending and not self._pending.startswith(b"\n"):
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self._from], [], [], left)[0]:
-                raise AudacityError(f"Audacity did not answer {command.split(':')[0]!r} within {self.timeout_s:g} s")
-            chunk = os.read(self._from, 65536)
-            if not chunk:
-                raise AudacityError(f"Audacity closed {self.from_path} (did it quit?)")
-            self._pending += chunk
-        if self._pending.startswith(b"\n"):
-            reply, self._pending = b"", self._pending[1:]
-        else:
-            reply, self._pending = self._pending.split(b"\n\n", 1)
-            reply += b"\n"
-        return reply.decode("utf-8", errors="replace")
-
-    def close(self) -> None:
-        for handle in (self._to, self._from):
-            if handle is None:
-                continue
-            if isinstance(handle, int):
-                os.close(handle)
-            else:
-                handle.close()
-        self._to = self._from = None
-
-    def __enter__(self) -> PipeTransport:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

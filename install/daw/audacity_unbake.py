@@ -1,17 +1,18 @@
 #!/usr/bin/env python3
 """unbake for Audacity: separate the current selection into stems, one new track per stem, aligned.
 
-Needs Audacity 3.x running with mod-script-pipe enabled (Edit > Preferences > Modules:
-mod-script-pipe "Enabled", then restart Audacity). Select a time range on one or more audio tracks,
-then run, with the unbake virtual environment's Python:
+Needs Audacity 3.x (tested with 3.2.4) running with mod-script-pipe enabled (Edit > Preferences >
+Modules: mod-script-pipe "Enabled", then restart Audacity). Select a time range on one or more audio
+tracks, then run, with the unbake virtual environment's Python:
 
     .venv/bin/python install/daw/audacity_unbake.py [--model M] [--endpoint E] [--start S --end E]
 
-The selection is exported (Export2), separated by the engine (started in the background when none
-runs, as `unbake separate` does), and each stem is imported (Import2) as a track "<name> - <stem>"
-whose clip starts at the selection start (SetClip). With an Audacity that cannot report its selection
-(GetInfo: Type=Selection, only in recent 3.x releases) give it as --start/--end in seconds. The work is
-done by ``plugin_bridge.daw.audacity_separate_selection``.
+The selection is read and checked first (a problem is one line on stderr, exit status 1, within
+seconds, before any engine starts), exported as float WAV (Export2; the user's WAV format preference
+is put back), separated by the engine (started in the background when none runs, as `unbake
+separate` does), and each stem is imported (Import2) as a track "<name> - <stem>" whose clip starts at
+the selection start (SetClip). --start/--end (seconds) set the selection instead of reading it. The
+work is done by ``plugin_bridge.audacity``.
 """
 import argparse
 import sys
@@ -51,19 +52,22 @@ def main(argv=None) -> int:
         parser.error("--start and --end go together")
 
     from engine.errors import UnbakeError
-    from plugin_bridge.daw import PipeTransport, audacity_separate_selection, connect
+    from plugin_bridge.audacity import PipeTransport, audacity_selection_plan, audacity_separate_selection
+    from plugin_bridge.daw import connect
     work_dir = args.work_dir or default_work_dir()
     try:
         with PipeTransport(args.pipe_to, args.pipe_from) as pipe:
-            pipe.send("Message: Text=unbake")  # fails fast, before the engine starts, if Audacity is not there
+            # read and check the selection before the engine starts: a problem is reported in seconds
+            plan = audacity_selection_plan(pipe, args.start, args.end)
             with connect(args.endpoint, timeout_s=args.timeout_s) as client:
                 result = audacity_separate_selection(
-                    pipe, client, work_dir, model=args.model, start_s=args.start, end_s=args.end,
+                    pipe, client, work_dir, model=args.model, plan=plan,
                     name=args.name, segment_s=args.segment, shifts=args.shifts)
     except UnbakeError as e:
         print(f"unbake: {e}", file=sys.stderr)
         return 1
-    print(f"unbake: {result.end_s - result.start_s:.3f} s from {result.start_s:.3f} s "
+    past = f" (the selection runs to {plan.end_s:.3f} s, past the end of the audio)" if plan.end_s > result.end_s else ""
+    print(f"unbake: {result.end_s - result.start_s:.3f} s from {result.start_s:.3f} s{past} "
           f"({result.channels} channel(s)) -> {len(result.stems)} stem tracks")
     for track, path in zip(result.tracks, result.stems.values()):
         print(f"  {track}: {path}")
