@@ -1,128 +1,62 @@
-"""The Audacity script's logic (plugin_bridge.daw.audacity_separate_selection) against a fake Audacity
-behind mod-script-pipe, with the real engine daemon: only the host is faked (its scripting commands and
-replies: a body, then "BatchCommand finished: OK" or "Failed!")."""
+"""The Audacity script (install/daw/audacity_unbake.py, run as a user runs it) against the real Audacity
+(Debian's package under Xvfb, see audacity_host.py) and the real engine daemon.
+
+What proves a result is in Audacity: the new stem tracks are exported back out of Audacity (float WAV)
+over a range that starts half a second before the selection: that half second is digital silence and
+the stem follows sample for sample, equal to ``Client.separate`` of the float selection within 1e-5.
+"""
 import json
 import os
-import re
-import runpy
-import threading
+import subprocess
+import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from engine.errors import BadRequest
+from plugin_bridge.audacity import WAV_FORMAT_PREF, AudacityError, PipeTransport, audacity_command, audacity_selection
+from plugin_bridge.audacity_pipe import read_reply_lines, take_reply
 from plugin_bridge.client import Client
-from plugin_bridge.daw import AudacityError, PipeTransport, audacity_command, audacity_separate_selection
-from tests.conftest import REPO, read
+from tests.conftest import EVAL, REPO, read
+from tests.plugin_bridge import audacity_host
 
+SCRIPT = REPO / "install" / "daw" / "audacity_unbake.py"
 STEMS = ["vocals", "accompaniment"]  # spleeter-2stems, the test engine's default model
+SR = 44100
+USER_WAV_FORMAT = "4"                # the "user's" WAV export format: 24-bit PCM
+QUICK_S = 5.0                        # a problem must be reported within this many seconds
 
 
-class FakeAudacity:
-    """A small Audacity project (wave tracks made of clips, track and time selection, the project rate)
-    answering the scripting commands plugin_bridge.daw sends, as mod-script-pipe does.
+@pytest.fixture(scope="session")
+def audacity(tmp_path_factory):
+    why = audacity_host.missing()
+    if why:
+        pytest.skip(f"the real Audacity {why}")
+    audacity_host.kill_stale()
+    host = audacity_host.AudacityHost(tmp_path_factory.mktemp("audacity"))
+    try:
+        host.start()
+    except RuntimeError as e:
+        host.stop()
+        pytest.fail(str(e))
+    try:
+        yield host
+    finally:
+        host.stop()
 
-    Export2 mixes the selected tracks over the time selection (frames round(t0 * rate) to
-    round(t1 * rate)) to NumChannels (stereo to mono: the mean) and writes a float WAV; Import2 adds the
-    file as a new track named after it with one clip at 0 s, selects only it and collapses the time
-    selection to its start (Audacity's SelectNone); SetTrack and SetClip apply to the selected tracks.
-    ``selection_info=False`` is an older Audacity without ``GetInfo: Type=Selection``.
-    """
 
-    def __init__(self, rate: int, *, selection_info: bool = True):
-        self.rate = rate
-        self.selection_info = selection_info
-        self.tracks: list[dict] = []
-        self.t0 = self.t1 = 0.0
-        self.commands: list[str] = []
-        self.exports: list[np.ndarray] = []
-
-    def add_track(self, name: str, audio: np.ndarray, start_s: float = 0.0, selected: bool = True) -> None:
-        self.tracks.append({"name": name, "channels": audio.shape[0], "clips": [[start_s, audio]],
-                            "selected": selected})
-
-    def send(self, command: str) -> str:
-        self.commands.append(command)
-        name, _, rest = command.partition(":")
-        params = {m[0]: m[3] if m[2] else m[4] for m in re.findall(r'(\w+)=(("([^"]*)")|(\S+))', rest)}
-        handler = getattr(self, f"do_{name.strip()}", None)
-        if handler is None:
-            return f"Your batch command of {name.strip()} was not recognized.\nBatchCommand finished: Failed!\n"
-        try:
-            body = handler(**params)
-        except ValueError as e:
-            return f"{e}\nBatchCommand finished: Failed!\n"
-        return (f"{body}\n" if body else "") + "BatchCommand finished: OK\n"
-
-    # the commands
-    def do_Message(self, Text=""):
-        return Text
-
-    def do_GetInfo(self, Type="Commands", Format="JSON"):
-        assert Format == "JSON"
-        if Type == "Selection" and self.selection_info:
-            return json.dumps({"Start": self.t0, "End": self.t1})
-        if Type == "Tracks":
-            return json.dumps([{"name": t["name"], "focused": 0, "selected": int(t["selected"]), "kind": "wave",
-                                "start": min(c[0] for c in t["clips"]),
-                                "end": max(c[0] + c[1].shape[1] / self.rate for c in t["clips"]),
-                                "pan": 0, "gain": 1, "channels": t["channels"], "solo": 0, "mute": 0}
-                               for t in self.tracks], indent=1)
-        raise ValueError(f"Invalid value for Type: {Type}")
-
-    def do_SelectTime(self, Start, End, RelativeTo="ProjectStart"):
-        assert RelativeTo == "ProjectStart"
-        self.t0, self.t1 = float(Start), float(End)
-
-    def do_SelectTracks(self, Track, TrackCount=1, Mode="Set"):
-        assert Mode == "Set"
-        first = int(float(Track))
-        for i, t in enumerate(self.tracks):
-            t["selected"] = first <= i < first + int(float(TrackCount))
-
-    def timeline(self, track: dict, a: int, b: int) -> np.ndarray:
-        out = np.zeros((track["channels"], b - a), np.float32)
-        for start_s, audio in track["clips"]:
-            c = round(start_s * self.rate)
-            lo, hi = max(a, c), min(b, c + audio.shape[1])
-            if hi > lo:
-                out[:, lo - a:hi - a] += audio[:, lo - c:hi - c]
-        return out
-
-    def do_Export2(self, Filename, NumChannels="1"):
-        channels = int(NumChannels)
-        a, b = round(self.t0 * self.rate), round(self.t1 * self.rate)
-        mix = np.zeros((channels, b - a), np.float32)
-        for t in self.tracks:
-            if t["selected"]:
-                x = self.timeline(t, a, b)
-                mix += x.mean(axis=0, keepdims=True) if channels == 1 else np.broadcast_to(x, (2, b - a))
-        sf.write(Filename, mix.T, self.rate, subtype="FLOAT")
-        self.exports.append(mix)
-        return f"Exported to WAV format: {Filename}"
-
-    def do_Import2(self, Filename):
-        audio, rate = sf.read(Filename, dtype="float32", always_2d=True)
-        assert rate == self.rate
-        for t in self.tracks:
-            t["selected"] = False
-        self.t1 = self.t0
-        self.add_track(Path(Filename).stem, np.ascontiguousarray(audio.T), 0.0, selected=True)
-
-    def do_SetTrack(self, Name):
-        for t in self.tracks:
-            if t["selected"]:
-                t["name"] = Name
-
-    def do_SetClip(self, At, Start):
-        for t in self.tracks:
-            if t["selected"]:
-                for clip in t["clips"]:
-                    if clip[0] <= float(At) <= clip[0] + clip[1].shape[1] / self.rate:
-                        clip[0] = float(Start)
+@pytest.fixture
+def aud(audacity):
+    """The session's Audacity with an empty project, the user's WAV format preference set to 24-bit;
+    afterwards: no dialog may have opened, and the preference is still the user's."""
+    audacity.reset()
+    audacity.command(f"SetPreference: Name={WAV_FORMAT_PREF} Value={USER_WAV_FORMAT}")
+    yield audacity
+    dialogs = audacity.dialogs()
+    audacity.close_dialogs()
+    assert dialogs == [], f"Audacity opened a dialog: {dialogs}"
+    assert audacity.command(f"GetPreference: Name={WAV_FORMAT_PREF}") == USER_WAV_FORMAT
 
 
 @pytest.fixture(scope="module")
@@ -131,184 +65,244 @@ def client(engine_endpoint):
         yield c
 
 
-@pytest.fixture(scope="module")
-def song(eval_dir):
-    """6.8 s of a real song (the whole dev excerpt), float32 [2, frames], 44.1 kHz."""
-    return read(eval_dir / "music-delta-80s-rock" / "mixture.wav")
+def song_path(name: str):
+    path = EVAL / name / "mixture.wav"
+    if not path.is_file():
+        pytest.skip(f"needs the real songs in {EVAL} (../shared beside the repository)")
+    return path
 
 
-def new_tracks(fake: FakeAudacity, n: int) -> list[dict]:
-    return fake.tracks[-n:]
+def run_script(engine_endpoint, work_dir, *args, host=None, timeout_s: float = 120.0):
+    """Run the script as a user does; returns (exit status, stdout, stderr, seconds). ``host``: the test's
+    Audacity, whose own end of the pipes is closed meanwhile (one client at a time, as for a user)."""
+    if host is not None:
+        host.release()
+    try:
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, str(SCRIPT), "--endpoint", engine_endpoint, "--work-dir",
+                               str(work_dir), *args], capture_output=True, text=True, timeout=timeout_s, cwd="/")
+        return done.returncode, done.stdout, done.stderr, time.monotonic() - started
+    finally:
+        if host is not None:
+            host.reopen()
 
 
-def check_imported(fake: FakeAudacity, result, reference, t0: float, frames: int, channels: int) -> None:
-    stems = new_tracks(fake, len(STEMS))
-    assert [t["name"] for t in stems] == result.tracks
-    total = 0
-    for stem, track in zip(STEMS, stems):
-        ((start, audio),) = track["clips"]
-        assert start == t0
-        assert audio.shape == (channels, frames) == reference[stem].shape
-        np.testing.assert_allclose(audio, reference[stem], atol=1e-5, rtol=0)
-        total = total + audio
-    exported = fake.exports[-1]
-    assert np.sum((total - exported) ** 2) / np.sum(exported ** 2) < 1e-2  # the stems add up to the mix
+def export(aud, tmp_path, track: int, t0: float, t1: float, channels: int) -> np.ndarray:
+    """Track ``track`` over [t0, t1) exported out of Audacity as float WAV: float32 [channels, frames]."""
+    path = tmp_path / f"back-{track}-{time.monotonic_ns()}.wav"
+    aud.command(f"SetPreference: Name={WAV_FORMAT_PREF} Value=6")
+    try:
+        aud.command(f"SelectTracks: Track={track} TrackCount=1 Mode=Set")
+        aud.command(f"SelectTime: Start={t0!r} End={t1!r} RelativeTo=ProjectStart")
+        aud.command(f'Export2: Filename="{path}" NumChannels={channels}')
+    finally:
+        aud.command(f"SetPreference: Name={WAV_FORMAT_PREF} Value={USER_WAV_FORMAT}")
+    assert sf.info(str(path)).subtype == "FLOAT"
+    return read(path)[0]
 
 
-def test_stereo_selection_becomes_aligned_stem_tracks(client, song, tmp_path):
-    mix, sr = song
-    fake = FakeAudacity(sr)
-    fake.add_track("Band", mix)
-    fake.add_track("Click", 0.1 * mix[:1], selected=False)
-    fake.t0, fake.t1 = 1.5, 4.5
-
-    result = audacity_separate_selection(fake, client, tmp_path / "work")
-
-    exports = [c for c in fake.commands if c.startswith("Export2:")]
-    assert exports == [f'Export2: Filename="{exports[0].split(chr(34))[1]}" NumChannels=2']
-    imports = [c for c in fake.commands if c.startswith("Import2:")]
-    assert imports == [f'Import2: Filename="{result.stems[s]}"' for s in STEMS]
-    assert [c.split(":")[0] for c in fake.commands] == [
-        "GetInfo", "GetInfo", "Export2", *["Import2", "SetTrack", "SetClip"] * 2, "SelectTracks", "SelectTime"]
-    assert fake.commands[0] == "GetInfo: Type=Selection Format=JSON"
-    assert all(c.endswith(" Start=1.5") for c in fake.commands if c.startswith("SetClip:"))
-
-    exported = fake.exports[0]
-    np.testing.assert_array_equal(exported, mix[:, round(1.5 * sr):round(4.5 * sr)])
-    check_imported(fake, result, client.separate(exported, sr), 1.5, round(3.0 * sr), 2)
-    assert result.tracks == ["Band - vocals", "Band - accompaniment"]
-    assert [p.name for p in result.stems.values()] == ["Band-vocals.wav", "Band-accompaniment.wav"]
-    # the new tracks are selected, over the original time range
-    assert [t["selected"] for t in fake.tracks] == [False, False, True, True]
-    assert (fake.t0, fake.t1) == (1.5, 4.5)
+def check_stem_tracks(aud, tmp_path, first: int, name: str, t0: float, reference, channels: int) -> None:
+    """Tracks first, first + 1, ... are "<name> - <stem>", each the reference stem starting at t0 to the sample."""
+    tracks = aud.json("GetInfo: Type=Tracks Format=JSON")
+    assert [t["name"] for t in tracks[first:]] == [f"{name} - {s}" for s in STEMS]
+    assert all(t["channels"] == channels and t["selected"] for t in tracks[first:])
+    assert not any(t["selected"] for t in tracks[:first])
+    clips = aud.json("GetInfo: Type=Clips Format=JSON")
+    for k, stem in enumerate(STEMS):
+        (clip,) = [c for c in clips if c["track"] == first + k]
+        assert abs(clip["start"] - t0) <= 1e-5 * max(1.0, t0)  # GetInfo prints 6 significant digits
+        ref = reference[stem]
+        pad = SR // 2
+        back = export(aud, tmp_path, first + k, t0 - pad / SR, t0 + ref.shape[1] / SR, channels)
+        assert back.shape == (channels, pad + ref.shape[1])
+        assert np.all(back[:, :pad] == 0.0), "the stem starts before the selection start"
+        assert np.abs(back[:, pad:pad + 8]).max() > 0 or np.abs(ref[:, :8]).max() == 0
+        np.testing.assert_allclose(back[:, pad:], ref, atol=1e-5, rtol=0)
 
 
-def test_mono_selection_is_exported_mono(client, song, tmp_path):
-    mix, sr = song
-    fake = FakeAudacity(sr)
-    fake.add_track("Voice", mix[1:], start_s=0.5)
-    fake.t0, fake.t1 = 2.0, 3.25
-    result = audacity_separate_selection(fake, client, tmp_path / "work", name="take 3")
-    assert result.channels == 1 and any(c.endswith("NumChannels=1") for c in fake.commands)
-    exported = fake.exports[0]
-    np.testing.assert_array_equal(exported, mix[1:, round(1.5 * sr):round(2.75 * sr)])
-    check_imported(fake, result, client.separate(exported, sr), 2.0, round(1.25 * sr), 1)
-    assert result.tracks == ["take 3 - vocals", "take 3 - accompaniment"]
+def one_line_error(code, out, err, seconds, *words):
+    assert code == 1, (out, err)
+    assert err.startswith("unbake: ") and err.count("\n") == 1, err
+    assert "selection.wav" not in err and "unbake-audacity-" not in err, err  # no temp file the user never saw
+    assert seconds < QUICK_S, f"took {seconds:.1f} s: {err}"
+    for word in words:
+        assert word in err, err
 
 
-def test_older_audacity_needs_the_selection_given(client, song, tmp_path):
-    mix, sr = song
-    fake = FakeAudacity(sr, selection_info=False)
-    fake.add_track("Band", mix)
-    with pytest.raises(AudacityError, match="give the selection's start and end"):
-        audacity_separate_selection(fake, client, tmp_path / "work")
-    result = audacity_separate_selection(fake, client, tmp_path / "work", start_s=0.75, end_s=1.75)
-    assert fake.commands[1] == "SelectTime: Start=0.75 End=1.75 RelativeTo=ProjectStart"
-    assert not any(c.startswith("GetInfo: Type=Selection") for c in fake.commands[1:])
-    check_imported(fake, result, client.separate(fake.exports[0], sr), 0.75, sr, 2)
+# -- the real Audacity ----------------------------------------------------------------------------
+
+def test_six_seconds_of_a_song_read_from_audacitys_selection(aud, client, engine_endpoint, tmp_path):
+    """No --start/--end: 3.2.4 has no GetInfo: Type=Selection; the script reads it anyway, exactly."""
+    path = song_path("cristina-vane-so-easy")
+    aud.command(f'Import2: Filename="{path}"')
+    start = 452171  # 10.2533106... s: GetInfo would print 10.2533, 14 samples off
+    t0, t1 = start / SR, (start + 6 * SR) / SR
+    aud.command("SelectTracks: Track=0 TrackCount=1 Mode=Set")
+    aud.command(f"SelectTime: Start={t0!r} End={t1!r} RelativeTo=ProjectStart")
+
+    code, out, err, _ = run_script(engine_endpoint, tmp_path / "work", host=aud)
+    assert code == 0, err
+    assert "6.000 s from 10.253 s (2 channel(s)) -> 2 stem tracks" in out
+
+    mix, sr = read(path)
+    selection = np.ascontiguousarray(mix[:, start:start + 6 * SR])
+    reference = client.separate(selection, sr)
+    check_stem_tracks(aud, tmp_path, 1, "mixture", t0, reference, 2)
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["mixture-accompaniment.wav", "mixture-vocals.wav"]
+    for stem in STEMS:  # the files the script imported are the same stems
+        np.testing.assert_allclose(read(tmp_path / "work" / f"mixture-{stem}.wav")[0], reference[stem], atol=1e-6, rtol=0)
 
 
-def test_nothing_to_separate_is_one_clear_error(client, song, tmp_path):
-    mix, sr = song
-    fake = FakeAudacity(sr)
-    fake.add_track("Band", mix, selected=False)
-    fake.t0, fake.t1 = 1.0, 2.0
-    with pytest.raises(BadRequest, match="no audio track is selected"):
-        audacity_separate_selection(fake, client, tmp_path)
-    fake.tracks[0]["selected"] = True
-    fake.t1 = 1.0
-    with pytest.raises(BadRequest, match="nothing is selected in time"):
-        audacity_separate_selection(fake, client, tmp_path)
-    assert not any(c.startswith(("Export2", "Import2")) for c in fake.commands)
+def test_selection_is_read_to_the_sample_and_left_as_it_was(aud):
+    song = song_path("music-delta-80s-rock")
+    aud.command(f'Import2: Filename="{song}"')
+    aud.command(f'Import2: Filename="{song}"')
+    aud.command("SelectTracks: Track=1 TrackCount=1 Mode=Set")
+    for t0, t1 in [(123.4567891234, 130.1234567), (0.0, 0.5), (2.5, 2.5), (250.12345678, 612.98765432)]:
+        aud.command(f"SelectTime: Start={t0!r} End={t1!r} RelativeTo=ProjectStart")
+        got = audacity_selection(aud.pipe, tracks=aud.json("GetInfo: Type=Tracks Format=JSON"))
+        assert abs(got[0] - t0) < 1e-6 and abs(got[1] - t1) < 1e-6, (got, t0, t1)
+    tracks = aud.json("GetInfo: Type=Tracks Format=JSON")
+    assert [t["selected"] for t in tracks] == [0, 1]  # no label track left, the track selection as it was
+    assert aud.json("GetInfo: Type=Labels Format=JSON") == []
 
 
-def test_failed_command_raises_with_audacity_message():
-    fake = FakeAudacity(44100)
-    with pytest.raises(AudacityError, match="Frobnicate: Your batch command of Frobnicate was not recognized"):
-        audacity_command(fake, "Frobnicate: X=1")
-    assert audacity_command(fake, "Message: Text=hi") == "hi"
+def test_stereo_and_mono_track_selected(aud, client, engine_endpoint, tmp_path):
+    song = song_path("music-delta-80s-rock")
+    mix, sr = read(song)
+    mono = tmp_path / "mono.wav"
+    sf.write(str(mono), (0.5 * mix[0]).astype(np.float32), sr, subtype="FLOAT")
+    aud.command(f'Import2: Filename="{song}"')
+    aud.command(f'Import2: Filename="{mono}"')
+    aud.command("SelectTracks: Track=1 TrackCount=1 Mode=Set")
+    aud.command("SetClip: At=1 Start=1")  # the mono track starts at 1 s
+    aud.command("SelectTracks: Track=0 TrackCount=2 Mode=Set")
+
+    code, out, err, _ = run_script(engine_endpoint, tmp_path / "work", "--start", "0.5", "--end", "3.5", host=aud)
+    assert code == 0, err
+    assert "3.000 s from 0.500 s (2 channel(s))" in out
+
+    expected = mix[:, SR // 2:SR // 2 + 3 * SR].copy()  # Audacity's mix: the mono track on both sides
+    expected[:, SR // 2:] += 0.5 * mix[0, :expected.shape[1] - SR // 2]
+    reference = client.separate(expected, sr)
+    check_stem_tracks(aud, tmp_path, 2, "selection", 0.5, reference, 2)
 
 
-# -- the real named pipes, served by a thread as mod-script-pipe serves them -------------------------
-
-class PipeServer(threading.Thread):
-    """mod-script-pipe's side on POSIX: opens the command FIFO for reading, then the reply FIFO for
-    writing, answers each command line with the reply and an empty line; ends when the client closes."""
-
-    def __init__(self, host, to_path: Path, from_path: Path):
-        super().__init__(daemon=True)
-        self.host, self.to_path, self.from_path = host, to_path, from_path
-        self.error = None
-
-    def run(self):
-        try:
-            with open(self.to_path, "r") as commands, open(self.from_path, "w") as replies:
-                for line in commands:
-                    replies.write(self.host.send(line.rstrip("\n")) + "\n")
-                    replies.flush()
-        except Exception as e:  # reported by the test
-            self.error = e
+def test_selection_running_past_the_end_is_separated_up_to_the_end(aud, client, engine_endpoint, tmp_path):
+    song = song_path("music-delta-80s-rock")
+    mix, sr = read(song)
+    aud.command(f'Import2: Filename="{song}"')
+    aud.command("SelectTracks: Track=0 TrackCount=1 Mode=Set")
+    code, out, err, _ = run_script(engine_endpoint, tmp_path / "work", "--start", "5", "--end", "8", host=aud)
+    assert code == 0, err
+    n = mix.shape[1] - 5 * SR
+    assert f"{n / SR:.3f} s from 5.000 s (the selection runs to 8.000 s, past the end of the audio)" in out
+    check_stem_tracks(aud, tmp_path, 1, "mixture", 5.0, client.separate(mix[:, 5 * SR:], sr), 2)
+    for stem in STEMS:
+        assert sf.info(str(tmp_path / "work" / f"mixture-{stem}.wav")).frames == n
 
 
-@pytest.fixture
-def pipes(tmp_path):
+@pytest.mark.parametrize("case", ["past the end", "no track selected", "nothing selected in time", "muted"])
+def test_what_cannot_be_separated_is_one_line_in_seconds(aud, engine_endpoint, tmp_path, case):
+    song = song_path("music-delta-80s-rock")
+    aud.command(f'Import2: Filename="{song}"')
+    aud.command("SelectTracks: Track=0 TrackCount=1 Mode=Set")
+    args, words = (), ()
+    if case == "past the end":
+        args, words = ("--start", "40", "--end", "46"), ("the selection 40.000-46.000 s lies past the end of the audio (6.800 s)",)
+    elif case == "no track selected":
+        aud.command("SelectTracks: Track=0 TrackCount=0 Mode=Set")
+        aud.command("SelectTime: Start=1 End=2 RelativeTo=ProjectStart")
+        words = ("no audio track is selected",)
+    elif case == "nothing selected in time":
+        aud.command("SelectTime: Start=3 End=3 RelativeTo=ProjectStart")
+        words = ("nothing is selected in time (the cursor is at 3.000 s)",)
+    else:
+        aud.command("SetTrackAudio: Track=0 Mute=1")
+        args, words = ("--start", "1", "--end", "2"), ("'mixture' are muted",)
+    code, out, err, seconds = run_script(engine_endpoint, tmp_path / "work", *args, host=aud)
+    one_line_error(code, out, err, seconds, *words)
+    assert [t["name"] for t in aud.json("GetInfo: Type=Tracks Format=JSON")] == ["mixture"]
+    assert aud.json("GetInfo: Type=Labels Format=JSON") == []
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())
+
+
+def test_audacity_not_running_is_one_line_in_seconds(engine_endpoint, tmp_path):
+    code, out, err, seconds = run_script(engine_endpoint, tmp_path / "work", "--pipe-to", str(tmp_path / "to"),
+                                         "--pipe-from", str(tmp_path / "from"))
+    one_line_error(code, out, err, seconds, "Audacity is not listening", "mod-script-pipe")
+    os.mkfifo(tmp_path / "to")
+    os.mkfifo(tmp_path / "from")  # the pipes an Audacity that quit leaves behind
+    code, out, err, seconds = run_script(engine_endpoint, tmp_path / "work", "--pipe-to", str(tmp_path / "to"),
+                                         "--pipe-from", str(tmp_path / "from"))
+    one_line_error(code, out, err, seconds, "Audacity is not listening")
+
+
+def test_a_dialog_in_audacity_is_reported_not_waited_for(aud):
+    """3.2.4 opens a modal dialog for GetInfo: Type=Selection (which the script never sends): the
+    transport gives up after its timeout with one line instead of waiting for someone to click."""
+    started = time.monotonic()
+    with pytest.raises(AudacityError, match="did not answer 'GetInfo' within 1 s: is a dialog open"):
+        audacity_command(aud.pipe, "GetInfo: Type=Selection Format=JSON", timeout_s=1)
+    assert time.monotonic() - started < 2
+    assert aud.dialogs(), "expected 3.2.4's dialog"
+    aud.close_dialogs()
+    aud.resync(1)
+    assert aud.command("Message: Text=again") == "again"
+
+
+# -- reply reading (the Windows branch reads line by line; its pipes cannot run here) ---------------
+
+REPLIES = ["\nBatchCommand finished: OK\n\n",                                # a command that prints nothing
+           "\n[ \n  { \"name\":\"a\" } ]\nBatchCommand finished: OK\n\n",      # GetInfo, JSON
+           "hi\nBatchCommand finished: OK\n\n",                              # Message
+           "((2\n    ((1.5 2 \"\"))))\nBatchCommand finished: OK\n\n",        # GetInfo, LISP
+           "\nBatchCommand finished: Failed!\n\n"]                          # byte for byte as 3.2.4 writes them
+REAL_REPLIES = "".join(REPLIES)
+
+
+def test_replies_as_real_audacity_writes_them():
+    expected = ["BatchCommand finished: OK\n", "[ \n  { \"name\":\"a\" } ]\nBatchCommand finished: OK\n",
+                "hi\nBatchCommand finished: OK\n", "((2\n    ((1.5 2 \"\"))))\nBatchCommand finished: OK\n",
+                "BatchCommand finished: Failed!\n"]
+    pending, got = REAL_REPLIES, []
+    while (split := take_reply(pending)) is not None:
+        reply, pending = split
+        got.append(reply)
+    assert got == expected and pending == ""
+    for cut in range(len(REAL_REPLIES)):  # a reply read in two pieces is only taken once it is whole
+        first = take_reply(REAL_REPLIES[:cut])
+        assert first is None or first[0] == expected[0]
+    import io
+    stream = io.StringIO(REAL_REPLIES.replace("\n", "\r\n"))  # Windows: CRLF, read line by line
+    assert [read_reply_lines(stream.readline) for _ in expected] == expected
+    with pytest.raises(AudacityError, match="closed its reply pipe"):
+        read_reply_lines(stream.readline)
+
+
+def test_transport_reads_real_replies_through_fifos(tmp_path):
+    """PipeTransport against FIFOs served as mod-script-pipe serves them, the replies byte for byte as
+    3.2.4 wrote them (leading empty lines), written in small pieces."""
+    import threading
     to_path, from_path = tmp_path / "to", tmp_path / "from"
     os.mkfifo(to_path)
     os.mkfifo(from_path)
-    return to_path, from_path
-
-
-def serve(host, pipes) -> PipeServer:
-    server = PipeServer(host, *pipes)
+    def serve():
+        with open(to_path) as commands, open(from_path, "w") as out:
+            for line, reply in zip(commands, REPLIES):
+                for k in range(0, len(reply), 3):
+                    out.write(reply[k:k + 3])
+                    out.flush()
+                    time.sleep(0.001)
+    server = threading.Thread(target=serve, daemon=True)
     server.start()
-    time.sleep(0.2)  # let it block in open(), as Audacity waits for a client
-    return server
-
-
-def test_pipe_transport_talks_to_mod_script_pipe(pipes):
-    fake = FakeAudacity(44100)
-    fake.t0, fake.t1 = 0.25, 0.5
-    server = serve(fake, pipes)
-    with PipeTransport(*map(str, pipes), timeout_s=10) as pipe:
-        assert pipe.send("Message: Text=hello") == "hello\nBatchCommand finished: OK\n"
-        assert json.loads(audacity_command(pipe, "GetInfo: Type=Selection Format=JSON")) == {"Start": 0.25, "End": 0.5}
-        with pytest.raises(AudacityError, match="not recognized"):
+    time.sleep(0.1)
+    with PipeTransport(str(to_path), str(from_path), timeout_s=5) as pipe:
+        assert audacity_command(pipe, "SelectTime: Start=0 End=1") == ""
+        assert json.loads(audacity_command(pipe, "GetInfo: Type=Tracks")) == [{"name": "a"}]
+        assert audacity_command(pipe, "Message: Text=hi") == "hi"
+        assert audacity_command(pipe, "GetInfo: Type=Labels Format=LISP").startswith("((2")
+        with pytest.raises(AudacityError, match="Nope: BatchCommand finished: Failed!"):
             audacity_command(pipe, "Nope:")
-        assert audacity_command(pipe, "GetInfo: Type=Tracks Format=JSON") == "[]"
     server.join(5)
-    assert not server.is_alive() and server.error is None
-
-
-def test_pipe_transport_without_audacity_is_one_clear_error(tmp_path, pipes):
-    with pytest.raises(AudacityError, match="mod-script-pipe"):
-        PipeTransport(str(tmp_path / "none.to"), str(tmp_path / "none.from")).send("Message:")
-    with pytest.raises(AudacityError, match="is Audacity running"):  # FIFOs left behind, nobody reading
-        PipeTransport(*map(str, pipes)).send("Message:")
-
-
-def test_script_end_to_end_through_the_pipes(engine_endpoint, song, pipes, tmp_path, capsys):
-    mix, sr = song
-    fake = FakeAudacity(sr)
-    fake.add_track("Band", mix)
-    fake.t0, fake.t1 = 3.0, 4.0
-    server = serve(fake, pipes)
-    main = runpy.run_path(str(REPO / "install" / "daw" / "audacity_unbake.py"), run_name="audacity_unbake")["main"]
-    code = main(["--endpoint", engine_endpoint, "--work-dir", str(tmp_path / "work"),
-                 "--pipe-to", str(pipes[0]), "--pipe-from", str(pipes[1])])
-    out = capsys.readouterr()
-    assert code == 0, out.err
-    server.join(5)
-    assert server.error is None
-    assert "-> 2 stem tracks" in out.out and "Band - vocals" in out.out
-    with Client(engine_endpoint, timeout_s=60) as client:
-        check_imported(fake, type("R", (), {"tracks": ["Band - vocals", "Band - accompaniment"]}),
-                       client.separate(fake.exports[0], sr), 3.0, sr, 2)
-    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["Band-accompaniment.wav", "Band-vocals.wav"]
-
-
-def test_script_without_audacity_exits_1_with_one_line(tmp_path, capsys):
-    main = runpy.run_path(str(REPO / "install" / "daw" / "audacity_unbake.py"), run_name="audacity_unbake")["main"]
-    code = main(["--pipe-to", str(tmp_path / "to"), "--pipe-from", str(tmp_path / "from"),
-                 "--endpoint", f"ipc://{tmp_path}/nobody.sock"])
-    err = capsys.readouterr().err
-    assert code == 1 and err.startswith("unbake: ") and err.count("\n") == 1
+    assert not server.is_alive()
