@@ -2,7 +2,9 @@
 # Install unbake into a virtual environment and fetch the default model's weights.
 #
 #   bash install/install.sh            # runtime only, into ./.venv
-#   bash install/install.sh --test     # plus pytest, hypothesis and jsonschema
+#   bash install/install.sh --test     # plus pytest, hypothesis and jsonschema, and (as root, on
+#                                      # Debian/Ubuntu) the packages audacity, xvfb, xdotool that the
+#                                      # Audacity script's tests drive
 #   UNBAKE_VENV=/path/to/venv bash install/install.sh
 #
 # torch is installed first and pinned (torch==2.13.0): installing it through the package's
@@ -13,6 +15,18 @@ venv=${UNBAKE_VENV:-$root/.venv}
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 python=${PYTHON:-python3}
+
+# The Audacity tests run the real Audacity (Debian's package ships mod-script-pipe) under Xvfb.
+if [ -n "$extras" ] && ! { command -v audacity && command -v Xvfb && command -v xdotool; } >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "unbake: installing audacity, xvfb, xdotool (for the Audacity tests)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt_install=(apt-get install -y -q audacity xvfb xdotool)
+    "${apt_install[@]}" >&2 || { apt-get update -q >&2 && "${apt_install[@]}" >&2; }
+  else
+    echo "unbake: audacity, Xvfb or xdotool missing: the Audacity tests will skip (install them as root)" >&2
+  fi
+fi
 
 if [ ! -x "$venv/bin/python" ]; then
   echo "unbake: creating virtual environment $venv" >&2
