@@ -7,8 +7,9 @@
     replies from any thread ──▶ outbox + wake-up pipe ──▶ this loop ──▶ ROUTER ──▶ client
 
 A peer may name a weights folder for its session (``open.repo``, ``unbake separate --repo DIR``)
-only where the daemon listens on a private ipc:// socket (``protocol.ipc_is_private``: the socket
-file is 0600 in a 0700 folder, so the peer is the engine's own user): the daemon knows its one bound
+only where the daemon listens on a private ipc:// socket (``protocol.ipc_is_private``: ``bind``
+creates the socket file 0600, in the 0700 runtime folder by default, so the peer is the engine's
+own user or root): the daemon knows its one bound
 endpoint, so every peer of a tcp:// engine (loopback: any local user; CURVE: another machine) gets
 ``E_NOT_PERMITTED`` instead, before anything is opened. The folder's files are verified like the
 engine's own (catalog sha256, SHA8 of ``SIG-SHA8.th``).

@@ -298,8 +298,8 @@ def check_repo_path(repo: str, where: str) -> str:
 def ipc_is_private(endpoint: str) -> bool:
     """May a peer of a daemon bound at ``endpoint`` name files on its machine (``open.repo``)?
 
-    True only for ``ipc://PATH`` with a file-system path (the daemon creates the socket file 0600
-    in a folder it made 0700, so only its own user, or root, can connect) and ``inproc://`` (the same
+    True only for ``ipc://PATH`` with a file-system path (the daemon creates the socket file 0600,
+    in the 0700 runtime folder by default, so only its own user, or root, can connect) and ``inproc://`` (the same
     process). False for ``tcp://`` (any local user reaches 127.0.0.1; CURVE peers are remote) and for
     Linux abstract sockets ``ipc://@NAME``, which have no file permissions."""
     if endpoint.startswith("inproc://"):
