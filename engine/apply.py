@@ -9,8 +9,12 @@ The grid (one per model, anchored at the track's first sample)::
     stride = int((1 - overlap) * segment)
 
 A segment of n frames (n < segment only near the end) is fed to the network as a window of
-``model.valid_length(n)`` frames centred on it, with real track context where it exists and zeros
-outside [0, length) (demucs' ``TensorChunk.padded``). The output is centre-trimmed back to n frames,
+``model.valid_length(n)`` frames centred on it, with real track context where it exists. Outside
+[0, length) the window holds what the model's ``pad_mode`` says: "zeros" (the default; demucs'
+``TensorChunk.padded``) or "reflect" (the track mirrored at its ends, ``numpy.pad(mode="reflect")``,
+repeated for windows longer than the track; for networks that go wrong on digital silence, see
+``engine.models.spleeter``). Past the end, reflection is only used once the track is closed, when
+the end is known, so streaming still equals offline. The output is centre-trimmed back to n frames,
 weighted by a triangle window (peak in the middle, ``** transition_power``) and overlap-added; the sum
 is divided by the summed weights.
 
@@ -35,6 +39,18 @@ __all__ = ["apply_model", "Streamer", "OverlapAdd", "Job", "run_jobs", "grid_for
 
 MERGE_FRAMES = 1 << 16  # input chunks up to this long are merged (OverlapAdd._append)
 MAX_SHIFT_S = 0.5  # demucs' random time shift range for test-time augmentation
+PAD_MODES = ("zeros", "reflect")  # what a window holds outside the track (Separator.pad_mode)
+
+
+def reflect_index(index: torch.Tensor, length: int) -> torch.Tensor:
+    """Track frames that ``numpy.pad(mode="reflect")`` puts at positions ``index`` (int64, any
+    values) of a track of ``length`` frames: mirrored at frames 0 and length - 1 without repeating
+    them, periodically (period 2 * length - 2) for positions more than a track away."""
+    if length == 1:
+        return torch.zeros_like(index)
+    period = 2 * length - 2
+    j = torch.remainder(index, period)
+    return torch.where(j >= length, period - j, j)
 
 
 @functools.lru_cache(maxsize=8)
@@ -121,8 +137,12 @@ class OverlapAdd:
         self.device = next(iter(model.parameters()), torch.empty(0)).device
         self.channels = model.audio_channels
         self.n_sources = len(model.sources)
+        self.pad_mode = getattr(model, "pad_mode", "zeros")
+        if self.pad_mode not in PAD_MODES:
+            raise ValueError(f"{model.name}: pad_mode must be one of {PAD_MODES}, got {self.pad_mode!r}")
         window = model.valid_length(segment_frames)
-        # How far before a segment its network window may reach (centred context).
+        # How far before a segment its network window may reach (centred context); with "reflect",
+        # also how far back from the track's end a final window's mirrored part may reach.
         self.context = max(0, window - segment_frames, model.valid_length(1) - 1)
         # A segment's window ends this far after its first frame: frames [0, k * stride) are final
         # once input frame k * stride - stride + reach - 1 has arrived, so output lags input by at
@@ -162,22 +182,41 @@ class OverlapAdd:
 
     def fill_window(self, seg: Segment, out: torch.Tensor) -> None:
         """Write the network window of ``seg`` into ``out`` (float32 [channels, seg.w]): input frames
-        [seg.start, seg.start + seg.w) of the track, zeros outside [0, received)."""
+        [seg.start, seg.start + seg.w) of the track; outside [0, received) zeros, or with
+        ``pad_mode`` "reflect" the track mirrored at frame 0, and at its last frame once closed."""
         assert out.shape == (self.channels, seg.w), out.shape  # [channels, window]
         start, length = seg.start, seg.w
         lo, hi = max(start, 0), min(start + length, self.received)
-        if lo < self.inp_start:
-            raise RuntimeError(f"internal: window at {start} reaches before retained input {self.inp_start}")
+        self._copy(lo, hi, out[:, lo - start:hi - start])
+        if self.pad_mode == "reflect" and self.received and (start < 0 or self.closed):
+            pads = [(start, min(0, start + length))]  # before the track: mirrored at frame 0
+            if self.closed:  # past its end, now known: mirrored at the last frame
+                pads.append((max(self.received, start), start + length))
+            for a, b in pads:
+                if a < b:
+                    src = reflect_index(torch.arange(a, b), self.received)
+                    first, last = int(src.min()), int(src.max()) + 1
+                    part = torch.empty(self.channels, last - first)
+                    self._copy(first, last, part)
+                    out[:, a - start:b - start] = part[:, src - first]
+                    lo, hi = min(lo, a), max(hi, b)
         if hi <= lo:
             out.zero_()
             return
         out[:, :lo - start].zero_()
         out[:, hi - start:].zero_()
+
+    def _copy(self, lo: int, hi: int, out: torch.Tensor) -> None:
+        """Copy track frames [lo, hi) (within the input received) into ``out`` [channels, hi - lo]."""
+        if hi <= lo:
+            return
+        if lo < self.inp_start:
+            raise RuntimeError(f"internal: window at {lo} reaches before retained input {self.inp_start}")
         pos = self.inp_start  # track frame of the chunk's first frame
         for chunk in self.inp:
             a, b = max(lo, pos), min(hi, pos + chunk.shape[1])
             if a < b:
-                out[:, a - start:b - start] = chunk[:, a - pos:b - pos]
+                out[:, a - lo:b - lo] = chunk[:, a - pos:b - pos]
             pos += chunk.shape[1]
             if pos >= hi:
                 break

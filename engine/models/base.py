@@ -9,13 +9,16 @@ A ``Separator`` is a ``torch.nn.Module`` with these attributes::
     segment_frames: int        default segment length of the overlap-add grid, in samples
     max_segment_frames: int | None   longest segment the network accepts (None: no limit)
     default_overlap: float     default overlap between segments, fraction of segment_frames
+    pad_mode: str              optional, "zeros" (default) or "reflect": what a network window holds
+                               outside the track (engine.apply)
 
 and two methods::
 
     valid_length(frames) -> int
         The input length the network needs to produce ``frames`` output samples (>= frames).
         ``engine.apply`` feeds a window of that length centred on the chunk, taking real
-        context from the track where it exists and zeros past its ends (demucs' TensorChunk rule).
+        context from the track where it exists and, past its ends, zeros (demucs' TensorChunk
+        rule) or the track mirrored at its ends (``pad_mode = "reflect"``).
     forward(mix) -> Tensor
         mix: float32 [batch, audio_channels, valid_length]
         returns float32 [batch, len(sources), audio_channels, valid_length]

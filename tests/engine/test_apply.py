@@ -6,7 +6,8 @@ from hypothesis import given, settings, strategies as st
 
 from engine.apply import Streamer, apply_model, grid_for, triangle_weight
 from engine.models.base import Bag
-from tests.engine.toy_models import ConvSeparator, FixedWindowSeparator
+from tests.engine.toy_models import (ConvSeparator, FixedWindowSeparator, ReflectConvSeparator,
+                                     ReflectFixedWindowSeparator)
 
 
 class Identity(torch.nn.Module):
@@ -26,8 +27,12 @@ class Identity(torch.nn.Module):
 
 
 def reference_overlap_add(model, mix, segment, overlap):
-    """Straight transcription of demucs.apply.apply_model(split=True) for one model, no shifts."""
+    """Straight transcription of demucs.apply.apply_model(split=True) for one model, no shifts;
+    with ``pad_mode = "reflect"`` the windows are cut from ``numpy.pad(mix, mode="reflect")``."""
     c, length = mix.shape
+    reflect = getattr(model, "pad_mode", "zeros") == "reflect"
+    margin = 2 * model.valid_length(segment)
+    padded = torch.from_numpy(np.pad(mix.numpy(), ((0, 0), (margin, margin)), mode="reflect"))
     stride = int((1 - overlap) * segment)
     out = torch.zeros(len(model.sources), c, length)
     sw = torch.zeros(length)
@@ -39,6 +44,8 @@ def reference_overlap_add(model, mix, segment, overlap):
         window = torch.zeros(c, w)
         lo, hi = max(0, start), min(length, start + w)
         window[:, lo - start:hi - start] = mix[:, lo:hi]
+        if reflect:
+            window = padded[:, margin + start:margin + start + w]
         with torch.no_grad():
             y = model(window[None])[0]
         trim = (w - n) // 2
@@ -82,6 +89,49 @@ def test_stream_equals_offline_for_any_chunking(length, cuts, batch):
     streamed = torch.cat(outs, dim=-1)
     assert streamed.shape == offline.shape
     assert torch.max(torch.abs(streamed - offline)).item() < 1e-5
+
+
+@pytest.mark.parametrize("model, zeros", [
+    (ReflectConvSeparator(1000, pad=300), ConvSeparator(1000, pad=300)),
+    (ReflectFixedWindowSeparator(1000), FixedWindowSeparator(1000))], ids=["context-300", "fixed-window"])
+@pytest.mark.parametrize("length", [1, 2, 37, 299, 999, 1000, 1001, 2500, 6000])
+def test_offline_reflect_equals_numpy_reflect_rule(model, zeros, length):
+    """pad_mode "reflect": windows past the ends hold numpy.pad(mode="reflect") of the track,
+    also where a window is longer than the track (mirrored again and again)."""
+    mix = torch.randn(2, length, generator=torch.Generator().manual_seed(length))
+    out = apply_model(model, mix, overlap=0.25)
+    ref = reference_overlap_add(model, mix, 1000, 0.25)
+    assert torch.max(torch.abs(out - ref)).item() < 1e-6
+    # the same weights with zeros past the ends: the padding reaches the output
+    assert torch.max(torch.abs(out - apply_model(zeros, mix, overlap=0.25))).item() > 1e-3
+
+
+@settings(max_examples=40, deadline=None)
+@given(length=st.integers(1, 6000), cuts=st.lists(st.integers(1, 2500), min_size=1, max_size=12),
+       batch=st.integers(1, 4), fixed=st.booleans())
+def test_reflect_stream_equals_offline_for_any_chunking(length, cuts, batch, fixed):
+    """Mirroring at the start uses frames that every window already holds, at the end only frames
+    known once the track is closed: streamed == offline, also for tracks shorter than a segment."""
+    model = ReflectFixedWindowSeparator(800) if fixed else ReflectConvSeparator(800, pad=300)
+    mix = torch.randn(2, length, generator=torch.Generator().manual_seed(length))
+    offline = apply_model(model, mix)
+    s = Streamer(model, batch_segments=batch)
+    outs, pos, i = [], 0, 0
+    while pos < length:
+        outs.append(s.push(mix[:, pos:pos + cuts[i % len(cuts)]]))
+        pos += cuts[i % len(cuts)]
+        i += 1
+    outs.append(s.close())
+    streamed = torch.cat(outs, dim=-1)
+    assert streamed.shape == offline.shape == (2, 2, length)
+    assert torch.max(torch.abs(streamed - offline)).item() < 1e-5
+
+
+def test_unknown_pad_mode_is_refused():
+    model = ConvSeparator(1000)
+    model.pad_mode = "wrap"
+    with pytest.raises(ValueError, match="pad_mode"):
+        apply_model(model, torch.zeros(2, 10))
 
 
 def test_shifts_are_deterministic_and_average_shifted_passes():

@@ -42,3 +42,15 @@ class FixedWindowSeparator(ConvSeparator):
         if frames > self.segment_frames:
             raise ValueError("too long")
         return self.segment_frames
+
+
+class ReflectConvSeparator(ConvSeparator):
+    """ConvSeparator whose windows hold the track mirrored past its ends (``pad_mode``)."""
+    name = "toy-conv-reflect"
+    pad_mode = "reflect"
+
+
+class ReflectFixedWindowSeparator(FixedWindowSeparator):
+    """FixedWindowSeparator (a short track sits centred in one long window), mirrored padding."""
+    name = "toy-fixed-reflect"
+    pad_mode = "reflect"
