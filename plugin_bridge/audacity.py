@@ -9,7 +9,9 @@ mod-script-pipe (``plugin_bridge.audacity_pipe.PipeTransport``; any object with
   involved (the time selection, the selected wave tracks, where the exported audio ends). The time
   selection comes from ``GetInfo: Type=Selection`` where this Audacity lists it (``GetInfo:
   Type=Commands``), else (3.2.x, whose GetInfo opens a modal dialog for an unknown type) from a label
-  added at the selection (``AddLabel``), read back (``GetInfo: Type=Labels``) and undone (``Undo``).
+  added at the selection (``AddLabel``) on a label track of its own, read back (``GetInfo:
+  Type=Labels``), the track then removed (never ``Undo``: it would also revert what other scripts
+  changed without an undo point).
   GetInfo prints times with 6 significant digits, so a second read of the selection moved next to
   zero (``SelectTime: RelativeTo=Selection``) gives it to a small fraction of a sample.
 - ``audacity_separate_selection(pipe, client, work_dir)``: export the selection as float WAV,
@@ -157,37 +159,37 @@ def _preferences(pipe, wanted: dict[str, str]) -> Iterator[None]:
 
 # -- the time selection ---------------------------------------------------------------------------
 
-def _labels(pipe) -> Counter:
-    found: Counter = Counter()
-    for entry in _json(pipe, "GetInfo: Type=Labels Format=JSON") or []:
-        track, labels = entry
-        for t0, t1, text in labels:
-            found[(int(track), float(t0), float(t1), str(text))] += 1
-    return found
-
-
 class _LabelReader:
     """Reads the time selection as a label added at it (``AddLabel``, Edit > Labels > Add Label at
-    Selection) and listed by ``GetInfo: Type=Labels``; ``undo()`` takes the labels out again (one
-    ``Undo`` per label added: the project is as before, the selection is put back by the caller)."""
+    Selection) on a label track of its own (``NewLabelTrack``, appended after the project's tracks) and
+    listed by ``GetInfo: Type=Labels``; ``remove()`` takes that track out again (``RemoveTracks``).
+    Nothing is undone: Undo would also revert changes that other scripts made without an undo point."""
 
-    def __init__(self, pipe):
-        self.pipe, self.added = pipe, 0
+    def __init__(self, pipe, tracks: list[dict]):
+        self.pipe, self.index, self.seen = pipe, len(tracks), Counter()
+        audacity_command(pipe, "NewLabelTrack:")
+        self.created = True
+        now = _json(pipe, "GetInfo: Type=Tracks Format=JSON")
+        if len(now) != self.index + 1 or now[self.index].get("kind") != "label":
+            raise AudacityError("Audacity: NewLabelTrack did not add a label track at the end: cannot read the "
+                                "selection; give it as --start/--end")
 
     def __call__(self) -> tuple[float, float]:
-        before = _labels(self.pipe)
+        audacity_command(self.pipe, f"SelectTracks: Track={self.index} TrackCount=1 Mode=Set")
         audacity_command(self.pipe, "AddLabel:")
-        new = list((_labels(self.pipe) - before).elements())
+        mine = Counter(tuple(label) for track, labels in _json(self.pipe, "GetInfo: Type=Labels Format=JSON") or []
+                       if int(track) == self.index for label in labels)
+        new = list((mine - self.seen).elements())
         if len(new) != 1:
-            raise AudacityError(f"Audacity: AddLabel added {len(new)} labels, not 1: cannot read the selection; "
-                                f"give it as --start/--end")
-        self.added += 1
-        return new[0][1], new[0][2]
+            raise AudacityError("Audacity: AddLabel added no label: cannot read the selection; give it as --start/--end")
+        self.seen = mine
+        return float(new[0][0]), float(new[0][1])
 
-    def undo(self) -> None:
-        while self.added:
-            audacity_command(self.pipe, "Undo:")
-            self.added -= 1
+    def remove(self) -> None:
+        if self.created:
+            audacity_command(self.pipe, f"SelectTracks: Track={self.index} TrackCount=1 Mode=Set")
+            audacity_command(self.pipe, "RemoveTracks:")
+            self.created = False
 
 
 def _restore_tracks(pipe, tracks: list[dict]) -> None:
@@ -226,8 +228,8 @@ def audacity_selection(pipe, info: dict[str, list] | None = None,
     """The time selection (start, end), seconds from the project start, to a small fraction of a sample.
 
     With ``GetInfo: Type=Selection`` where this Audacity has it (``info``: ``audacity_info``), else with
-    a label added at the selection and undone (3.2.x; ``tracks``: ``GetInfo: Type=Tracks``, whose track
-    selection is put back afterwards). GetInfo prints 6 significant digits: the first read gives
+    labels added at the selection on a label track of its own, removed afterwards (3.2.x; ``tracks``:
+    ``GetInfo: Type=Tracks`` as it was, whose track selection is put back; default: read here). GetInfo prints 6 significant digits: the first read gives
     (a0, a1) to within e = 1e-5 * max(|a0|, |a1|, 1) s; the selection is then moved (``_move_selection``)
     by a0 + 2e and a1 - 2e, to [t0 - a0 - 2e, t1 - a1 + 2e], both ends next to zero and still in order,
     and read again, exact to ~1e-10 of the times. The user's selection is then set back exactly.
@@ -239,7 +241,8 @@ def audacity_selection(pipe, info: dict[str, list] | None = None,
             return float(got["Start"]), float(got["End"])
         reader = None
     else:
-        reader = read = _LabelReader(pipe)
+        tracks = _json(pipe, "GetInfo: Type=Tracks Format=JSON") if tracks is None else tracks
+        reader = read = _LabelReader(pipe, tracks)
     try:
         with _preferences(pipe, {LABEL_DIALOG_PREF: "0"} if reader else {}):
             a0, a1 = read()
@@ -250,9 +253,8 @@ def audacity_selection(pipe, info: dict[str, list] | None = None,
         raise AudacityError(f"Audacity: cannot read the selection ({err!r}): give it as --start/--end") from None
     finally:
         if reader is not None:
-            reader.undo()
-            if tracks is not None:
-                _restore_tracks(pipe, tracks)
+            reader.remove()
+            _restore_tracks(pipe, tracks)
     t0, t1 = a0 + 2 * e + b0, a1 - 2 * e + b1
     if t1 - t0 < 1e-9 * max(1.0, abs(t0)):
         t1 = t0
