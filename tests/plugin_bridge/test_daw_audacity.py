@@ -135,19 +135,23 @@ def test_six_seconds_of_a_song_read_from_audacitys_selection(aud, client, engine
     """No --start/--end: 3.2.4 has no GetInfo: Type=Selection; the script reads it anyway, exactly."""
     path = song_path("cristina-vane-so-easy")
     aud.command(f'Import2: Filename="{path}"')
-    start = 452171  # 10.2533106... s: GetInfo would print 10.2533, 14 samples off
-    t0, t1 = start / SR, (start + 6 * SR) / SR
+    aud.command("SetClip: At=1 Start=100")  # the song plays from 100 s in the project
+    start = 452171                          # 10.2533... s into the song
+    t0, t1 = (100 * SR + start) / SR, (100 * SR + start + 6 * SR) / SR  # GetInfo prints 110.253: 14 samples off
     aud.command("SelectTracks: Track=0 TrackCount=1 Mode=Set")
     aud.command(f"SelectTime: Start={t0!r} End={t1!r} RelativeTo=ProjectStart")
 
     code, out, err, _ = run_script(engine_endpoint, tmp_path / "work", host=aud)
     assert code == 0, err
-    assert "6.000 s from 10.253 s (2 channel(s)) -> 2 stem tracks" in out
+    assert "6.000 s from 110.253 s (2 channel(s)) -> 2 stem tracks" in out
 
     mix, sr = read(path)
     selection = np.ascontiguousarray(mix[:, start:start + 6 * SR])
     reference = client.separate(selection, sr)
     check_stem_tracks(aud, tmp_path, 1, "mixture", t0, reference, 2)
+    # the song's own track is as it was (its clip moved by a script, without an undo point: not undone)
+    assert [c["start"] for c in aud.json("GetInfo: Type=Clips Format=JSON") if c["track"] == 0] == [100]
+    assert aud.json("GetInfo: Type=Labels Format=JSON") == []
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["mixture-accompaniment.wav", "mixture-vocals.wav"]
     for stem in STEMS:  # the files the script imported are the same stems
         np.testing.assert_allclose(read(tmp_path / "work" / f"mixture-{stem}.wav")[0], reference[stem], atol=1e-6, rtol=0)
