@@ -19,6 +19,10 @@ that travels on the wire and in sidecar files; messages are one line naming what
           ├── ChecksumMismatch       E_CHECKSUM        a file's sha256 is not the catalog's
           ├── CheckpointError        E_CHECKPOINT      a verified file whose content cannot be loaded
           └── DownloadError          E_DOWNLOAD        no source could be reached (offline)
+    UnbakeError
+     └── NotPrivate                  E_NOT_PRIVATE     a runtime folder, lock file or socket path that must be
+                                                       this user's alone is not (a symlink, another owner, open
+                                                       to others, a file in the way): refused, nothing changed
 
 The client raises the same classes with the daemon's code (``from_code``); ``ModelError`` is what
 "model unavailable" means to a caller. This module is imported by the torch-free client: stdlib only.
@@ -99,6 +103,10 @@ class CheckpointError(ModelError):
 
 class DownloadError(ModelError):
     code = "E_DOWNLOAD"
+
+
+class NotPrivate(UnbakeError):
+    code = "E_NOT_PRIVATE"
 
 
 def _all_subclasses(cls):
