@@ -40,6 +40,9 @@ rate) of the block's first frame in the stem; blocks of a session come in order 
 ``latency_samples`` in ``ready`` is how far the stem output may lag the input pushed: after a
 push's ``done``, the stems cover at least ``frames_in - latency_samples`` frames.
 
+``model`` in ``open`` is a model or separation preset name, never a path (``check_model_name``,
+``MODEL_NAME_RULE``): 1 to 64 characters of ``A-Z a-z 0-9 . _ + -``, the first a letter or digit,
+without ``..``; anything else is ``E_BAD_REQUEST`` before the engine looks anything up.
 ``repo`` in ``open`` (``REPO_FIELD``) is a weights folder on the engine's
 machine to take this session's model(s) from instead of the engine's own (``unbake separate --repo
 DIR``): an absolute path, at most ``MAX_REPO_PATH_CHARS`` characters, no NUL (``check_repo_path``).
@@ -55,8 +58,7 @@ only (a client then cannot tell, and says so).
 from __future__ import annotations
 
 import math
-import os
-import tempfile
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -95,6 +97,12 @@ MAX_SHIFTS = 20
 MAX_ID = 2 ** 63 - 1
 REPO_FIELD = "repo"              # open: a weights folder on the engine's machine (see above)
 MAX_REPO_PATH_CHARS = 4096       # PATH_MAX on Linux
+# open.model: a name, never a path (check_model_name): 1 to 64 ASCII letters, digits and . _ + -,
+# the first a letter or digit, never "..": no "/", "\\", NUL, glob or shell characters, no "~"
+MAX_MODEL_NAME_CHARS = 64
+MODEL_NAME_RULE = ("1 to 64 characters of A-Z a-z 0-9 . _ + -, the first a letter or digit, "
+                   "without '..'")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -120,39 +128,10 @@ class Limits:
         return asdict(self)
 
 
-# -- where the daemon listens ---------------------------------------------------------------------
+# -- where the daemon listens (engine.endpoints: syntax, the private runtime folder, lock files) ----
 
-ENDPOINT_ENV = "UNBAKE_ENDPOINT"
-
-
-def runtime_dir() -> str:
-    """The user's private runtime folder for unbake (created 0700): $XDG_RUNTIME_DIR/unbake, else
-    /run/user/UID/unbake, else TMPDIR/unbake-UID."""
-    candidates = [os.path.join(d, "unbake") for d in (os.environ.get("XDG_RUNTIME_DIR"),
-                                                      f"/run/user/{os.getuid()}") if d]
-    candidates.append(os.path.join(tempfile.gettempdir(), f"unbake-{os.getuid()}"))
-    for path in candidates:
-        parent = os.path.dirname(path)
-        if os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK):
-            os.makedirs(path, mode=0o700, exist_ok=True)
-            st = os.stat(path)
-            if st.st_uid == os.getuid():
-                os.chmod(path, 0o700)
-                return path
-    raise OSError(f"no private runtime folder for unbake among {candidates}")
-
-
-def default_endpoint() -> str:
-    """$UNBAKE_ENDPOINT, else ipc://<runtime_dir>/engine.sock."""
-    return os.environ.get(ENDPOINT_ENV) or f"ipc://{os.path.join(runtime_dir(), 'engine.sock')}"
-
-
-def lock_path(endpoint: str) -> str:
-    """The file a daemon holds locked (flock) while it serves ``endpoint``: one daemon per endpoint."""
-    if endpoint.startswith("ipc://"):
-        return endpoint[len("ipc://"):] + ".lock"
-    safe = "".join(ch if ch.isalnum() else "-" for ch in endpoint)
-    return os.path.join(runtime_dir(), f"{safe}.lock")
+from .endpoints import (ENDPOINT_ENV, check_endpoint, default_endpoint, ipc_is_private,  # noqa: E402,F401
+                        lock_path, runtime_dir)
 
 
 # -- encoding -------------------------------------------------------------------------------------
@@ -244,8 +223,8 @@ def check_request(header: dict, n_pcm: int, limits: Limits) -> dict:
     out = {"op": op, "id": header["id"]}
     if op == OPEN:
         model = _field(header, "model", (str,), where, required=False)
-        if model is not None and not (0 < len(model) <= 200):
-            raise BadRequest(f"{where}: model name must be 1 to 200 characters")
+        if model is not None:
+            check_model_name(model, where)
         rate = _field(header, "sample_rate", (int,), where)
         if not limits.min_sample_rate <= rate <= limits.max_sample_rate:
             raise BadRequest(f"{where}: sample_rate {rate} Hz is outside "
@@ -279,6 +258,23 @@ def check_request(header: dict, n_pcm: int, limits: Limits) -> dict:
     return out
 
 
+def check_model_name(name, where: str = "model") -> str:
+    """``name`` (str) as it is when it is a model or preset name by ``MODEL_NAME_RULE``: a name,
+    never a path, so the engine may look it up in its weights folder (``NAME.yaml``,
+    ``NAME-*.th``, ``NAME.ckpt``) without reaching outside it. where: what to name in the message.
+    Raises ProtocolError (not a str), BadRequest (anything else: empty, longer than
+    ``MAX_MODEL_NAME_CHARS``, ``/``, ``..``, NUL, ``*``, a leading ``.`` or ``-``, non-ASCII); the
+    message shows at most 80 characters of the name's repr."""
+    if not isinstance(name, str):
+        raise ProtocolError(f"{where}: a model name must be str, got {type(name).__name__}")
+    if _MODEL_NAME.fullmatch(name) is None or ".." in name:
+        shown = repr(name[:100])
+        shown = shown if len(shown) <= 80 and len(name) <= 100 else shown[:80] + "..."
+        chars = f"{len(name)} character" + ("s" if len(name) != 1 else "")
+        raise BadRequest(f"{where}: model name {shown} ({chars}) is not a name: {MODEL_NAME_RULE}")
+    return name
+
+
 def check_repo_path(repo: str, where: str) -> str:
     """``open``'s ``repo``: a non-empty absolute POSIX path (str) of at most MAX_REPO_PATH_CHARS
     characters, without NUL; returned as it is (not normalised: the engine resolves it). Whether the
@@ -293,21 +289,6 @@ def check_repo_path(repo: str, where: str) -> str:
     if not repo.startswith("/"):
         raise BadRequest(f"{where}: {REPO_FIELD!r} must be an absolute path, got {repo[:200]!r}")
     return repo
-
-
-def ipc_is_private(endpoint: str) -> bool:
-    """May a peer of a daemon bound at ``endpoint`` name files on its machine (``open.repo``)?
-
-    True only for ``ipc://PATH`` with a file-system path (the daemon creates the socket file 0600,
-    in the 0700 runtime folder by default, so only its own user, or root, can connect) and ``inproc://`` (the same
-    process). False for ``tcp://`` (any local user reaches 127.0.0.1; CURVE peers are remote) and for
-    Linux abstract sockets ``ipc://@NAME``, which have no file permissions."""
-    if endpoint.startswith("inproc://"):
-        return True
-    if endpoint.startswith("ipc://"):
-        path = endpoint[len("ipc://"):]
-        return bool(path) and not path.startswith("@")
-    return False
 
 
 def check_options(options: dict, where: str) -> dict:

@@ -88,6 +88,17 @@ ids = st.integers(0, protocol.MAX_ID)
 repo_paths = st.text(alphabet=st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
                      max_size=protocol.MAX_REPO_PATH_CHARS - 1).map(lambda t: "/" + t)
 session_ids = st.text(min_size=1, max_size=64)
+# open.model: every name the protocol allows (protocol.MODEL_NAME_RULE)...
+NAME_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+-"
+model_names = st.tuples(st.sampled_from(NAME_CHARS[:62]), st.text(alphabet=NAME_CHARS, max_size=63)).map(
+    "".join).filter(lambda n: ".." not in n)
+# ...and beyond: any text (paths, globs, NUL, non-ASCII, control characters), long ones, and the
+# attacks a hostile peer sends
+hostile_names = st.sampled_from(["../../etc/passwd", "/root/secret", "*", "x/../../y", "a\0b", "n" * 10_000,
+                                 "..", ".", "", "a..b", "~root", "htdemucs/../x", "[a-z]*", "?", "-rf",
+                                 ".hidden", "a\nb", "a b", "htdemucs\n", "c:\\x", "\u00e9t\u00e9"])
+any_names = st.one_of(model_names, hostile_names, st.text(max_size=80), st.text(min_size=60, max_size=300),
+                      st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._+/*?\[\]\\-]{0,70}", fullmatch=True))
 
 
 @st.composite
@@ -102,7 +113,7 @@ def requests(draw) -> tuple[str, list]:
     if op == protocol.OPEN:
         fields = {"sample_rate": draw(st.integers(LIMITS.min_sample_rate, LIMITS.max_sample_rate)),
                   "channels": draw(st.integers(1, 2)), "options": draw(option_values)}
-        model = draw(st.none() | st.text(min_size=1, max_size=200))
+        model = draw(st.none() | model_names)
         if model is not None:
             fields["model"] = model
         repo = draw(st.none() | repo_paths)
@@ -379,6 +390,44 @@ def test_nan_names_the_earliest_bad_frame_across_channels():
         protocol.pcm_array(bytes(protocol.pcm_frame(block)), 2, 10)
 
 
+@given(model_names)
+@example("a" * protocol.MAX_MODEL_NAME_CHARS)
+@example("htdemucs_6s")
+@example("spleeter-2stems")
+@example("9.5+x_y-z")
+def test_every_name_of_the_rule_is_accepted(name):
+    assert protocol.check_model_name(name) == name
+    opn = {"v": 1, "op": "open", "id": 4, "sample_rate": 44100, "channels": 2, "model": name}
+    assert code_of([protocol.pack(opn)]) is None
+
+
+@settings(max_examples=500)
+@given(any_names)
+def test_a_model_name_is_a_name_never_a_path(name):
+    """Whatever a peer sends as open.model: accepted only when it is a name by the rule (so it can
+    never leave the weights folder as NAME.yaml, NAME-*.th, NAME.ckpt), else E_BAD_REQUEST, whose
+    one line shows at most 80 characters of its repr."""
+    import re
+    ok = (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}", name) is not None and ".." not in name)
+    opn = {"v": 1, "op": "open", "id": 4, "sample_rate": 44100, "channels": 2, "model": name}
+    err = rejected([protocol.pack(opn)])
+    if ok:
+        assert err is None
+        assert "/" not in name and "\0" not in name and not name.startswith(".")
+        assert not set(name) & set("*?[]~\\ \n")
+        return
+    assert err is not None and err.code == "E_BAD_REQUEST", (name, err)
+    assert "is not a name" in str(err) and len(str(err)) < 300
+    with pytest.raises(BadRequest):
+        protocol.check_model_name(name)
+
+
+def test_model_name_of_another_type_is_a_protocol_error():
+    for value in (7, b"htdemucs", ["x"], {"a": 1}, True):
+        with pytest.raises(ProtocolError):
+            protocol.check_model_name(value)
+
+
 def test_limits_travel_and_cover_a_push():
     wire = protocol.Limits().to_wire()
     assert protocol.Limits(**wire) == protocol.Limits()
@@ -409,9 +458,9 @@ def fake_stems(x: np.ndarray) -> list[np.ndarray]:
 
 class FakeEngine(threading.Thread):
     """A ROUTER that speaks protocol v1 like the daemon, with a toy "model": vocals = x / 4,
-    accompaniment = x - vocals. Model names: ``fake:L`` (latency L frames; stems are released as
-    late as the latency allows, in two blocks per push), ``fake:L:under`` (one frame later than
-    promised), ``fake:L:gap`` (a stems block with the wrong start), anything else: E_UNKNOWN_MODEL.
+    accompaniment = x - vocals. Model names (names by protocol.MODEL_NAME_RULE): ``fake+L`` (latency
+    L frames; stems are released as late as the latency allows, in two blocks per push), ``fake+L+under`` (one frame later than
+    promised), ``fake+L+gap`` (a stems block with the wrong start), anything else: E_UNKNOWN_MODEL.
     ``drop`` requests are ignored (no reply) before answering again; ``keepalive_s`` > 0 makes
     every reply to push wait that long, sending progress every 0.1 s."""
 
@@ -461,11 +510,11 @@ class FakeEngine(threading.Thread):
             return [R("status", rid, uptime_s=1.0, device="cpu", models=[], queue_depth=0,
                       sessions=len(self.sessions), served=0)]
         if op == "models":
-            return [R("models", rid, models=[{"name": "fake:0", "sources": STEMS, "installed": True,
+            return [R("models", rid, models=[{"name": "fake+0", "sources": STEMS, "installed": True,
                                               "loaded": True}])]
         if op == "open":
-            name = req["model"] or "fake:0"
-            parts = name.split(":")
+            name = req["model"] or "fake+0"
+            parts = name.split("+")
             if parts[0] != "fake" or not parts[1:] or not parts[1].isdigit():
                 raise errors.UnknownModel(f"unknown model {name!r}")
             self.count += 1
@@ -527,16 +576,16 @@ def test_client_requests(client, fake):
     hello = client.hello()
     assert hello["protocol"] == 1 and hello["limits"]["max_chunk_samples"] == 3000
     assert client.status()["device"] == "cpu"
-    assert client.models()[0]["name"] == "fake:0"
+    assert client.models()[0]["name"] == "fake+0"
     with pytest.raises(errors.UnknownModel) as info:
         client.open("htdemucs", 44100, 2)
     assert info.value.code == "E_UNKNOWN_MODEL"
     with pytest.raises(BadRequest):  # checked before sending
-        client.open("fake:0", 44100, 2, overlap=2.0)
+        client.open("fake+0", 44100, 2, overlap=2.0)
 
 
 @given(st.integers(1, 2), st.integers(1, 20000), st.sampled_from([0.01, 0.05, 0.2, 1.0]),
-       st.sampled_from(["fake:0", "fake:300", "fake:5000"]), st.integers(0, 2 ** 32 - 1))
+       st.sampled_from(["fake+0", "fake+300", "fake+5000"]), st.integers(0, 2 ** 32 - 1))
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_separate_pipelined_equals_the_toy_model(client, channels, frames, chunk_s, model, seed):
     x = np.random.default_rng(seed).standard_normal((channels, frames)).astype(np.float32)
@@ -555,20 +604,20 @@ def test_separate_validates_input_before_sending(client, fake):
     x = np.zeros((2, 1000), np.float32)
     x[1, 600] = np.nan
     with pytest.raises(BadAudio, match="frame 600"):
-        client.separate(x, 44100, "fake:0")
+        client.separate(x, 44100, "fake+0")
     with pytest.raises(BadAudio, match="transpose"):
-        client.separate(np.zeros((1000, 2), np.float32), 44100, "fake:0")
+        client.separate(np.zeros((1000, 2), np.float32), 44100, "fake+0")
     with pytest.raises(BadAudio, match="floating point"):
-        client.separate(np.zeros((2, 1000), np.int16), 44100, "fake:0")
+        client.separate(np.zeros((2, 1000), np.int16), 44100, "fake+0")
     with pytest.raises(BadAudio):
-        client.separate(np.zeros((3, 10), np.float32), 44100, "fake:0")
+        client.separate(np.zeros((3, 10), np.float32), 44100, "fake+0")
     with pytest.raises(BadAudio):
-        client.separate(np.zeros((2, 0), np.float32), 44100, "fake:0")
+        client.separate(np.zeros((2, 0), np.float32), 44100, "fake+0")
     with pytest.raises(BadAudio, match="frame 3"):  # beyond float32: not clipped
-        client.separate(np.array([[0, 0, 0, 1e300]]), 44100, "fake:0")
+        client.separate(np.array([[0, 0, 0, 1e300]]), 44100, "fake+0")
     assert len(fake.received) == before
     big = np.array([[2.5, -7.0, 0.0]])  # float64 out of [-1, 1]: sent as is, never clipped
-    np.testing.assert_array_equal(client.separate(big, 44100, "fake:0")["vocals"], big / 4)
+    np.testing.assert_array_equal(client.separate(big, 44100, "fake+0")["vocals"], big / 4)
 
 
 @given(st.integers(1, 2), st.integers(0, 4000), st.lists(st.integers(0, 7000), min_size=1, max_size=12),
@@ -576,7 +625,7 @@ def test_separate_validates_input_before_sending(client, fake):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_stem_stream_is_the_offline_result_delayed_by_its_latency(client, channels, latency, sizes, seed):
     x = np.random.default_rng(seed).standard_normal((channels, sum(sizes))).astype(np.float32)
-    with client.stream(f"fake:{latency}", 8000, channels) as stream:
+    with client.stream(f"fake+{latency}", 8000, channels) as stream:
         assert stream.latency_samples == latency and stream.stems == STEMS
         outs, at = [], 0
         for n in sizes:
@@ -595,14 +644,14 @@ def test_stem_stream_is_the_offline_result_delayed_by_its_latency(client, channe
 
 
 def test_stem_stream_never_pads_silently(client):
-    with client.stream("fake:100:under", 8000, 1) as stream:
+    with client.stream("fake+100+under", 8000, 1) as stream:
         stream.process(np.zeros((1, 50), np.float32))  # all pre-roll
         with pytest.raises(ProtocolError, match="fewer than"):
             stream.process(np.zeros((1, 200), np.float32))
 
 
 def test_session_checks_block_order(client):
-    session = client.open("fake:0:gap", 8000, 1)
+    session = client.open("fake+0+gap", 8000, 1)
     with pytest.raises(ProtocolError, match="starts at frame"):
         session.push(np.ones((1, 100), np.float32))
     with pytest.raises(ProtocolError, match="unusable"):
@@ -610,8 +659,8 @@ def test_session_checks_block_order(client):
 
 
 def test_sessions_interleave_on_one_client_and_split_big_blocks(client, fake):
-    a = client.open("fake:0", 8000, 2)
-    b = client.open("fake:10", 8000, 1)
+    a = client.open("fake+0", 8000, 2)
+    b = client.open("fake+10", 8000, 1)
     xa = np.random.default_rng(1).standard_normal((2, 7001)).astype(np.float32)  # > 3000 samples: 5 pushes
     xb = np.random.default_rng(2).standard_normal((1, 500)).astype(np.float32)
     ta = a.send_push(xa)
@@ -626,7 +675,7 @@ def test_sessions_interleave_on_one_client_and_split_big_blocks(client, fake):
     with pytest.raises(errors.UnknownSession):
         a.push(xa)
     with pytest.raises(BadAudio, match="channel"):
-        client.open("fake:0", 8000, 2).push(np.zeros((1, 10), np.float32))
+        client.open("fake+0", 8000, 2).push(np.zeros((1, 10), np.float32))
 
 
 def test_a_silent_engine_times_out_and_lazy_pirate_resends(client, fake):
@@ -637,8 +686,8 @@ def test_a_silent_engine_times_out_and_lazy_pirate_resends(client, fake):
     assert 1.9 < time.monotonic() - t < 4
     fake.drop = 1  # separate() is redone from scratch: open dropped, then all again
     x = np.ones((1, 100), np.float32)
-    np.testing.assert_array_equal(client.separate(x, 8000, "fake:0")["vocals"], x / 4)
-    session = client.open("fake:0", 8000, 1)
+    np.testing.assert_array_equal(client.separate(x, 8000, "fake+0")["vocals"], x / 4)
+    session = client.open("fake+0", 8000, 1)
     fake.drop = 1  # a session's push is not retried
     with pytest.raises(errors.EngineUnavailable, match="within 2 s"):
         session.push(x)
@@ -654,7 +703,7 @@ def test_a_silent_engine_times_out_and_lazy_pirate_resends(client, fake):
 def test_keep_alives_reset_the_timeout(fake):
     from plugin_bridge.client import Client
     with Client(fake.endpoint, timeout_s=0.5, retries=0) as c:
-        session = c.open("fake:0", 8000, 1)
+        session = c.open("fake+0", 8000, 1)
         fake.keepalive_s = 1.5  # longer than timeout_s, with progress every 0.1 s
         try:
             out = session.push(np.ones((1, 10), np.float32))
