@@ -19,6 +19,7 @@ import torch
 
 from . import registry, weights
 from .errors import QueueFull
+from .protocol import check_model_name
 from .heap import release_free_memory
 
 GB = 1024 ** 3
@@ -79,9 +80,11 @@ class ModelCache:
         """(name, model), loaded once per (folder, name) and pinned until ``release(name, repo)``.
         repo: a weights folder (str or path) for this model instead of the engine's own (None).
         Its files are verified as in the engine's own folder (engine.registry.load_model).
-        Raises UnknownModel, WeightsMissing, ChecksumMismatch, CheckpointError, QueueFull."""
+        Raises BadRequest (``name`` is not a name: ``protocol.check_model_name``; checked before any
+        entry is made or file looked at), UnknownModel, WeightsMissing, ChecksumMismatch,
+        CheckpointError, QueueFull."""
         repo = self.repo if repo is None else repo
-        name = self.resolve(name, repo)
+        name = check_model_name(self.resolve(name, repo))
         key = (repo_key(repo), name)
         with self.lock:
             entry = self.entries.get(key)

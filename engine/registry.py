@@ -4,15 +4,22 @@
 A ``--repo DIR`` may also hold models that are not in the catalog, in demucs' own layout
 (``SIG-SHA8.th`` files, ``NAME.yaml`` bags): those are verified against the sha256 prefix in
 their file name, exactly as demucs does.
+
+A model name is a name, never a path: every function here checks it (``protocol.check_model_name``:
+BadRequest, code E_BAD_REQUEST) before it builds ``root / NAME...`` from it, and files are found by
+listing the folder and comparing names, never by a glob (a name cannot be a pattern). A bag yaml's
+member signatures are checked the same way (CheckpointError for a yaml that lists another).
 """
 from __future__ import annotations
 
 import hashlib
+import os
 from functools import lru_cache
 from pathlib import Path
 
 from . import weights
-from .errors import ChecksumMismatch, UnknownModel, WeightsMissing
+from .errors import BadRequest, CheckpointError, ChecksumMismatch, UnknownModel, WeightsMissing
+from .protocol import check_model_name
 
 DEFAULT_ORDER = ("htdemucs", "spleeter-2stems")
 
@@ -25,9 +32,29 @@ def _demucs_yaml(bag: str, root: Path) -> Path:
     return Path(demucs.__file__).parent / "remote" / f"{bag}.yaml"
 
 
-def _local_demucs_file(sig: str, root: Path) -> Path:
-    """SIG-SHA8.th in a local repo, verified against SHA8 like demucs' LocalRepo."""
-    found = sorted(root.glob(f"{sig}-*.th")) + sorted(root.glob(f"{sig}.th"))
+def _packages(root: Path, name: str) -> list[Path]:
+    """The files ``NAME-*.th`` (sorted), then ``NAME.th``, in ``root`` (Path), found by listing the
+    folder (no glob: ``name`` must already be checked). Regular files only; [] when the folder
+    cannot be listed."""
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError:
+        return []
+    hashed = [n for n in entries if n.startswith(f"{name}-") and n.endswith(".th") and len(n) >= len(name) + 4]
+    plain = [n for n in entries if n == f"{name}.th"]
+    return [root / n for n in hashed + plain if (root / n).is_file()]
+
+
+def _local_demucs_file(sig: str, root: Path, where: str | None = None) -> Path:
+    """SIG-SHA8.th in a local repo, verified against SHA8 like demucs' LocalRepo. ``where``: the bag
+    yaml that named ``sig`` (a signature that is not a name is then CheckpointError, naming it)."""
+    try:
+        check_model_name(sig, "model signature")
+    except BadRequest as e:
+        if where is None:
+            raise
+        raise CheckpointError(f"{where}: {e}") from None
+    found = _packages(root, sig)
     if not found:
         raise WeightsMissing(f"model signature {sig!r}: no file {sig}-*.th in {root}")
     path = found[0]
@@ -43,8 +70,10 @@ def _local_demucs_file(sig: str, root: Path) -> Path:
 def load_model(name: str, repo=None, device="cpu"):
     """Load a Separator or Bag by catalog name, or from demucs-style files in ``repo``.
 
-    Raises UnknownModel, WeightsMissing, ChecksumMismatch, CheckpointError.
+    Raises BadRequest (``name`` is not a name: ``protocol.check_model_name``), UnknownModel,
+    WeightsMissing, ChecksumMismatch, CheckpointError.
     """
+    check_model_name(name)
     root = weights.repo_dir(repo)
     spec = weights.catalog().get(name)
     if spec is not None:
@@ -75,8 +104,9 @@ def load_model(name: str, repo=None, device="cpu"):
         return load_roformer(root / f"{name}.ckpt", root / f"{name}.yaml", device=device, name=name)
     if (root / f"{name}.yaml").is_file():
         from .models.htdemucs import load_demucs_bag
-        return load_demucs_bag(root / f"{name}.yaml", lambda sig: _local_demucs_file(sig, root), device=device)
-    if list(root.glob(f"{name}-*.th")):
+        bag = root / f"{name}.yaml"
+        return load_demucs_bag(bag, lambda sig: _local_demucs_file(sig, root, str(bag)), device=device)
+    if any(p.name != f"{name}.th" for p in _packages(root, name)):
         from .models.htdemucs import load_demucs_package
         return load_demucs_package(_local_demucs_file(name, root), device=device)
     raise UnknownModel(f"unknown model {name!r}; known: {', '.join(sorted(weights.catalog()))}"
@@ -90,8 +120,9 @@ def weights_sha256(name: str, repo=None) -> str | None:
     model of several files (a demucs bag), the sha256 of the lines ``"NAME SHA256\\n"`` of its
     files in catalog order. Outside the catalog: the sha256 of a ``--repo`` ``NAME-*.th`` package
     (hashed once per file version); None for a ``NAME.yaml`` bag from ``--repo`` or an unknown name.
-    Never raises for a missing file (None).
+    Never raises for a missing file (None); BadRequest when ``name`` is not a name.
     """
+    check_model_name(name)
     spec = weights.catalog().get(name)
     if spec is not None:
         if len(spec.files) == 1:
@@ -110,7 +141,7 @@ def weights_sha256(name: str, repo=None) -> str | None:
         return hashlib.sha256(f"{name}.ckpt {a}\n{name}.yaml {b}\n".encode()).hexdigest()
     if (root / f"{name}.yaml").is_file():
         return None
-    found = sorted(root.glob(f"{name}-*.th")) + sorted(root.glob(f"{name}.th"))
+    found = _packages(root, name)
     if not found:
         return None
     try:
@@ -138,6 +169,8 @@ def default_model(repo=None) -> str:
 
 
 def model_sources(name: str, repo=None) -> list[str]:
+    """The model's sources (stem names, list of str). Raises as ``load_model``."""
+    check_model_name(name)
     spec = weights.catalog().get(name)
     if spec is not None:
         return list(spec.sources)

@@ -26,7 +26,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-from .errors import ChecksumMismatch, DownloadError, UnknownModel, WeightsMissing
+from .errors import ChecksumMismatch, DownloadError, UnbakeError, UnknownModel, WeightsMissing
+from .protocol import check_model_name
 
 ENV_REPO = "UNBAKE_REPO"
 DOWNLOAD_TIMEOUT_S = 30.0
@@ -70,10 +71,16 @@ def repo_dir(repo: str | os.PathLike | None = None) -> Path:
 
 
 def parse_catalog(text: str, where: str = "models.toml") -> dict[str, ModelSpec]:
-    """Parse and validate catalog TOML. Raises ValueError naming the model and key."""
+    """Parse and validate catalog TOML. Model names must be names (``protocol.check_model_name``),
+    file names plain names in the weights folder (no ``/``, no leading ``.``). Raises ValueError
+    naming the model and key."""
     data = tomllib.loads(text)
     out = {}
     for name, m in data.get("models", {}).items():
+        try:
+            check_model_name(name, where)
+        except UnbakeError as e:
+            raise ValueError(str(e)) from None
         try:
             files = tuple(FileSpec(**f) for f in m.get("files", []))
             archives = tuple(FileSpec(**a) for a in m.get("archives", []))
@@ -84,6 +91,9 @@ def parse_catalog(text: str, where: str = "models.toml") -> dict[str, ModelSpec]
         except (KeyError, TypeError) as e:
             raise ValueError(f"{where}: model {name!r}: bad or missing key {e}") from None
         for f in files + archives:
+            if "/" in f.name or "\\" in f.name or f.name.startswith(".") or not 0 < len(f.name) <= 255:
+                raise ValueError(f"{where}: model {name!r}: file {f.name!r}: a file name in the weights "
+                                 f"folder, not a path")
             if len(f.sha256) != 64 or any(c not in "0123456789abcdef" for c in f.sha256):
                 raise ValueError(f"{where}: model {name!r}: file {f.name!r}: sha256 must be 64 hex digits")
             if not (f.url or f.derived_from):
