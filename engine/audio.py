@@ -50,9 +50,42 @@ def from_channels(block: np.ndarray, channels: int) -> np.ndarray:
     raise BadAudio(f"cannot turn {block.shape[-2]} channels into {channels}")
 
 
+# The resampler's kernel has ``new * (2 * width + old)`` taps for the rate ratio new/old in lowest
+# terms (julius.ResampleFrac), so its cost grows with the reduced fraction: 44,056 Hz -> 44,100 Hz is
+# 11014/11025 (1.9 GB to build), 767,999 Hz about 250 GiB. Terms above this are approximated.
+MAX_RATIO_TERM = 1000  # every pair of the common rates (8k..192k against 44.1k/48k) is <= 640
+
+
+def ratio_terms(source_rate: int, target_rate: int, max_term: int = MAX_RATIO_TERM) -> tuple[int, int]:
+    """(old, new): the conversion ratio target_rate / source_rate (ints, Hz, > 0) as a fraction
+    new/old whose terms are at most ``max_term`` (int, default MAX_RATIO_TERM).
+
+    Exact (the fraction in lowest terms) where its terms fit, as for every pair of the common rates
+    (8000, 16000, 22050, 32000, 44100, 48000, 88200, 96000, 176400, 192000 Hz); else the closest
+    fraction with terms <= max_term (``Fraction.limit_denominator`` on the side that is larger):
+    over every rate in [1000, 768000] Hz against 44.1 and 48 kHz, within 5.1e-4 of the true ratio
+    (749,320 Hz -> 17/1), mostly within 1e-6. The audio then reaches the model at a rate that far
+    from its own (under one cent of pitch), and the way back uses the inverse fraction, so stems
+    stay exactly aligned with the input and keep its length.
+    Raises ValueError for rates < 1."""
+    from fractions import Fraction
+    if source_rate < 1 or target_rate < 1 or max_term < 1:
+        raise ValueError(f"sample rates must be >= 1 Hz, got {source_rate} -> {target_rate}")
+    ratio = Fraction(int(target_rate), int(source_rate))
+    if max(ratio.numerator, ratio.denominator) <= max_term:
+        return ratio.denominator, ratio.numerator
+    if ratio >= 1:  # new > old: bound new (the denominator of old/new)
+        inv = (1 / ratio).limit_denominator(max_term)
+        return max(1, inv.numerator), inv.denominator
+    approx = ratio.limit_denominator(max_term)
+    return approx.denominator, max(1, approx.numerator)
+
+
 class Resampler:
     """Streaming, exactly aligned sample-rate conversion (julius' windowed-sinc kernels, which ship
-    with demucs), identity when the rates match.
+    with demucs), identity when the rates match. The ratio is ``ratio_terms``: exact for the common
+    rates, a fraction with terms <= MAX_RATIO_TERM otherwise, so the kernel never exceeds about
+    1000 x 1050 taps (4 MB) whatever the rates.
 
     ``process(block [c, n]) -> [c, m]`` and ``flush() -> [c, m]``. Output frame j sits at input time
     j * source_rate / target_rate exactly (zero phase), whatever the block sizes; zeros are assumed
@@ -62,15 +95,15 @@ class Resampler:
     """
 
     def __init__(self, source_rate: int, target_rate: int, channels: int):
-        self.identity = source_rate == target_rate
+        self.old, self.new = ratio_terms(int(source_rate), int(target_rate))
+        # equal rates, or rates within 1/2000 of each other where no fraction with terms <= 1000
+        # is closer than 1/1 (44,078 Hz against 44,100 Hz): no conversion at all
+        self.identity = self.old == self.new
         self.channels = channels
         if self.identity:
             return
-        import math
         import julius
         import torch
-        g = math.gcd(int(source_rate), int(target_rate))
-        self.old, self.new = int(source_rate) // g, int(target_rate) // g
         r = julius.ResampleFrac(self.old, self.new)
         self.kernel = r.kernel.float()  # [new, 1, 2 * width + old]
         self.width = r._width
