@@ -34,6 +34,7 @@ from typing import Callable, Iterable
 import torch
 
 from .models.base import Bag
+from .protocol import MAX_OVERLAP, MAX_SEGMENTS_PER_S
 
 __all__ = ["apply_model", "Streamer", "OverlapAdd", "Job", "run_jobs", "grid_for"]
 
@@ -72,7 +73,10 @@ def triangle_weight(segment_frames: int, transition_power: float = 1.0) -> torch
 def grid_for(model, segment_s: float | None = None, overlap: float | None = None) -> tuple[int, int]:
     """(segment_frames, stride_frames) for ``model`` with the user's overrides.
 
-    Raises ValueError for an overlap outside [0, 1) or a segment the network cannot take.
+    Raises ValueError for an overlap outside [0, 1) or a segment the network cannot take, and for
+    a grid that costs too much: overlap above ``protocol.MAX_OVERLAP`` (0.95: each frame through
+    the network at most 20 times) or a stride shorter than 1 / ``protocol.MAX_SEGMENTS_PER_S``
+    seconds (50 segments per second of audio); the message names the bound.
     """
     if segment_s is None:
         segment = model.segment_frames
@@ -87,7 +91,14 @@ def grid_for(model, segment_s: float | None = None, overlap: float | None = None
     overlap = model.default_overlap if overlap is None else overlap
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if overlap > MAX_OVERLAP:
+        raise ValueError(f"overlap {overlap:g} is above {MAX_OVERLAP:g}, the limit (each frame would go "
+                         f"through the network {1 / (1 - overlap):.0f} times)")
     stride = max(1, int((1 - overlap) * segment))
+    if stride * MAX_SEGMENTS_PER_S < model.sample_rate:
+        raise ValueError(f"a segment of {segment / model.sample_rate:g} s with overlap {overlap:g} makes "
+                         f"{model.sample_rate / stride:.0f} segments per second of audio, the limit is "
+                         f"{MAX_SEGMENTS_PER_S}; use a longer segment or less overlap")
     return segment, stride
 
 

@@ -94,6 +94,13 @@ MAX_WIENER_ITERATIONS = 10
 MASK_EXPONENT_RANGE = (0.5, 8.0)
 TTA_CHOICES = ("swap", "polarity")
 MAX_SHIFTS = 20
+# The segment grid's cost (engine.apply.grid_for): each segment is one window through the network,
+# so a stride of one frame (overlap 0.999999) made 1 s of audio take 2,907 s. Overlap is at most
+# MAX_OVERLAP (each frame computed at most 1 / (1 - 0.95) = 20 times) and the grid's stride at
+# least 1 / MAX_SEGMENTS_PER_S seconds of audio (engine.apply.grid_for checks it against the
+# model's own segment length when the session's options leave it out).
+MAX_OVERLAP = 0.95
+MAX_SEGMENTS_PER_S = 50
 MAX_ID = 2 ** 63 - 1
 REPO_FIELD = "repo"              # open: a weights folder on the engine's machine (see above)
 MAX_REPO_PATH_CHARS = 4096       # PATH_MAX on Linux
@@ -308,8 +315,12 @@ def check_options(options: dict, where: str) -> dict:
         out[key] = value
     if "segment_s" in out and not 0 < out["segment_s"] <= 3600:
         raise BadRequest(f"{where}: segment_s must be in (0, 3600] seconds")
-    if "overlap" in out and not 0 <= out["overlap"] < 1:
-        raise BadRequest(f"{where}: overlap must be in [0, 1)")
+    if "overlap" in out and not 0 <= out["overlap"] <= MAX_OVERLAP:
+        raise BadRequest(f"{where}: overlap must be in [0, {MAX_OVERLAP:g}], got {out['overlap']!r}")
+    if "segment_s" in out and "overlap" in out and (1 - out["overlap"]) * out["segment_s"] * MAX_SEGMENTS_PER_S < 1:
+        raise BadRequest(f"{where}: segment_s {out['segment_s']:g} with overlap {out['overlap']:g} makes "
+                         f"more than {MAX_SEGMENTS_PER_S} segments per second of audio (the limit); "
+                         f"use a longer segment or less overlap")
     if "shifts" in out and not 0 <= out["shifts"] <= MAX_SHIFTS:
         raise BadRequest(f"{where}: shifts must be in [0, {MAX_SHIFTS}]")
     if "seed" in out and not 0 <= out["seed"] <= MAX_ID:

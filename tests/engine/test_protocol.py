@@ -79,7 +79,7 @@ def bits(x: np.ndarray) -> np.ndarray:
 
 
 option_values = st.fixed_dictionaries({}, optional={
-    "segment_s": st.floats(0.1, 3600), "overlap": st.floats(0, 0.99), "shifts": st.integers(0, 20),
+    "segment_s": st.floats(0.5, 3600), "overlap": st.floats(0, protocol.MAX_OVERLAP), "shifts": st.integers(0, 20),
     "seed": st.integers(0, 2 ** 63 - 1), "two_stems": st.sampled_from(["vocals", "drums"]),
     "transition_power": st.one_of(st.integers(1, 16), st.floats(1, 16)),
 })
