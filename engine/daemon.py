@@ -6,6 +6,16 @@
                                     └─ push / close / cancel -> engine.scheduler (worker thread)
     replies from any thread ──▶ outbox + wake-up pipe ──▶ this loop ──▶ ROUTER ──▶ client
 
+Who reaches the engine (``engine.endpoints``): ``ipc://PATH`` only its own user (the socket file is
+0600, in the 0700 runtime folder by default); ``tcp://`` needs CURVE keys (``--curve-secret-key``,
+``--curve-allowed-keys``), loopback included, unless ``--allow-any-local-user``
+(``UNBAKE_ALLOW_ANY_LOCAL_USER=1``) says that every local user may use it (loopback only: a TCP
+endpoint that other machines reach always needs CURVE). Start-up checks everything it can before it
+changes or loads anything, so that a bad endpoint, a CURVE file that is missing or has no secret
+key, a file in the way of the socket or a runtime folder that is not private is one line and exit
+status 1 within a second, whatever ``--preload`` asks; the socket itself is bound after the preload
+(a client that finds it gets answers), where only a TCP port in use can still fail.
+
 A peer may name a weights folder for its session (``open.repo``, ``unbake separate --repo DIR``)
 only where the daemon listens on a private ipc:// socket (``protocol.ipc_is_private``: ``bind``
 creates the socket file 0600, in the 0700 runtime folder by default, so the peer is the engine's
@@ -37,10 +47,12 @@ import zmq
 import zmq.auth
 
 from . import __version__
+from . import endpoints
 from . import protocol as P
+from .endpoints import is_loopback  # noqa: F401  (the daemon's rule, kept importable from here)
 from .heap import peak_rss_bytes, release_free_memory, rss_bytes, tune_heap
-from .errors import (BadAudio, EngineUnavailable, LimitExceeded, NotPermitted, ProtocolError, QueueFull,
-                     UnbakeError, UnknownSession)
+from .errors import (BadAudio, BadRequest, EngineUnavailable, LimitExceeded, NotPermitted, NotPrivate,
+                     ProtocolError, QueueFull, UnbakeError, UnknownSession)
 
 KEEPALIVE_S = 1.0
 TRIM_IDLE_S = 2.0
@@ -66,33 +78,30 @@ class Pending:
     last_reply: float = field(default_factory=time.monotonic)
 
 
-def is_loopback(endpoint: str) -> bool:
-    """True for ipc:// and inproc://, and tcp:// bound to a loopback address only."""
-    if not endpoint.startswith("tcp://"):
-        return True
-    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # "*", an interface name, a host name
-        return False
-
-
 class Daemon:
-    """endpoint: where to bind. service_factory(emit) builds the torch side (engine.service.Service).
-    idle_exit_s: exit after this long with no session and no request (None: never)."""
+    """endpoint: where to bind (``ipc://PATH`` or ``tcp://HOST:PORT``, ``endpoints.check_endpoint``).
+    service_factory(emit) builds the torch side (engine.service.Service).
+    idle_exit_s: exit after this long with no session and no request (None: never).
+    curve_secret_key (a zmq certificate file with the secret key), curve_allowed_keys (a folder of
+    the allowed clients' public certificates): both or neither. allow_any_local_user (bool, default
+    False): a loopback tcp:// endpoint without CURVE is allowed (every local user may use the
+    engine); refused otherwise. The endpoint, the CURVE files and the socket path are checked here,
+    before anything is created: raises BadRequest (a bad endpoint or CURVE file, TCP without CURVE)
+    or NotPrivate (something other than a socket of this user at the ipc path)."""
 
     def __init__(self, endpoint: str, service_factory, *, limits: P.Limits = P.Limits(),
                  idle_exit_s: float | None = None, drain_s: float = DRAIN_S,
                  curve_secret_key: str | None = None, curve_allowed_keys: str | None = None,
-                 preload: list[str] = (), log=None):
-        self.endpoint = endpoint
+                 preload: list[str] = (), log=None, allow_any_local_user: bool = False):
+        self.endpoint = endpoints.check_endpoint(endpoint)
+        self.curve_secret_key, self.curve_allowed_keys = curve_secret_key, curve_allowed_keys
+        self.allow_any_local_user = bool(allow_any_local_user)
+        self.curve_keys = self._check_access()  # (public, secret) or None; raises before anything is made
+        self.socket_file: tuple[int, int] | None = None  # (st_dev, st_ino) of the ipc socket we bound
         self.peers_may_name_paths = P.ipc_is_private(endpoint)  # open.repo: see the module docstring
         self.limits = limits
         self.idle_exit_s = idle_exit_s
         self.drain_s = drain_s
-        self.curve_secret_key, self.curve_allowed_keys = curve_secret_key, curve_allowed_keys
         self.preload = list(preload)
         self.log = log or (lambda msg: print(f"unbake serve: {msg}", file=sys.stderr, flush=True))
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -307,10 +316,60 @@ class Daemon:
             self._send(identity, header, pcm)
 
     # -- lifecycle --------------------------------------------------------------------------------
+    def _check_access(self) -> tuple[bytes, bytes] | None:
+        """Who may reach this endpoint, checked before anything is created or loaded: the CURVE
+        files (read here: the keys are returned), TCP without CURVE, the ipc socket's path (absent
+        or a socket of this user). Raises BadRequest, NotPrivate."""
+        secret_file, allowed = self.curve_secret_key, self.curve_allowed_keys
+        keys = None
+        if secret_file or allowed:
+            if not (secret_file and allowed):
+                raise BadRequest("CURVE needs both --curve-secret-key FILE and --curve-allowed-keys DIR")
+            if not os.path.isfile(secret_file):
+                raise BadRequest(f"--curve-secret-key {secret_file}: no such file")
+            try:
+                public, secret = zmq.auth.load_certificate(secret_file)
+            except (OSError, ValueError) as e:
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split(":")[0]
+                raise BadRequest(f"--curve-secret-key {secret_file}: not a readable CURVE certificate "
+                                 f"({why})") from None
+            if secret is None:
+                raise BadRequest(f"--curve-secret-key {secret_file}: no secret key in this certificate file "
+                                 f"(give the .key_secret file)")
+            if not os.path.isdir(allowed):
+                raise BadRequest(f"--curve-allowed-keys {allowed}: not a folder of allowed public keys")
+            try:
+                zmq.auth.load_certificates(allowed)
+            except (OSError, ValueError) as e:
+                raise BadRequest(f"--curve-allowed-keys {allowed}: {str(e).splitlines()[0]}") from None
+            keys = (public, secret)
+        if self.endpoint.startswith("tcp://") and keys is None:
+            if not is_loopback(self.endpoint):
+                raise BadRequest(f"{self.endpoint} is reachable from other machines: refused without CURVE keys "
+                                 f"(--curve-secret-key FILE --curve-allowed-keys DIR); use ipc:// or "
+                                 f"tcp://127.0.0.1:PORT with CURVE")
+            if not self.allow_any_local_user:
+                raise BadRequest(f"{self.endpoint}: every local user can connect to a TCP port, loopback "
+                                 f"included: refused without CURVE keys (--curve-secret-key FILE "
+                                 f"--curve-allowed-keys DIR); use ipc:// (private to you), or pass "
+                                 f"--allow-any-local-user ({endpoints.ALLOW_ANY_LOCAL_USER_ENV}=1) to let "
+                                 f"every local user use this engine")
+        path = endpoints.ipc_path(self.endpoint)
+        if path is not None:
+            endpoints.check_socket_path(path)
+        return keys
+
     def _lock(self) -> None:
+        """Take the endpoint's lock (``protocol.lock_path``, opened by ``endpoints.open_lock``: never
+        through a symlink). Raises EngineUnavailable (another engine holds it), NotPrivate."""
         path = P.lock_path(self.endpoint)
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        if endpoints.ipc_path(self.endpoint) is not None:
+            folder = os.path.dirname(path) or "."
+            try:
+                os.makedirs(folder, mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise NotPrivate(f"{folder}: cannot create the socket's folder ({e.strerror})") from None
+        fd = endpoints.open_lock(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -319,12 +378,10 @@ class Daemon:
         self.lock_fd = fd
 
     def bind(self, ctx: zmq.Context) -> None:
-        curve = bool(self.curve_secret_key or self.curve_allowed_keys)
-        if curve and not (self.curve_secret_key and self.curve_allowed_keys):
-            raise UnbakeError("CURVE needs both --curve-secret-key and --curve-allowed-keys")
-        if not is_loopback(self.endpoint) and not curve:
-            raise UnbakeError(f"{self.endpoint} is reachable from other machines: refused without CURVE keys "
-                              f"(--curve-secret-key FILE --curve-allowed-keys DIR); use tcp://127.0.0.1:PORT or ipc://")
+        """Bind the ROUTER (CURVE server when keys were given). ipc: only a stale socket of this
+        user is replaced (``endpoints.clear_stale_socket``); the socket file is made 0600 and
+        remembered, so that only it is removed at exit. Raises NotPrivate, EngineUnavailable (the
+        address is in use), BadRequest (libzmq refuses the address)."""
         self.router = ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -332,52 +389,66 @@ class Daemon:
         self.router.setsockopt(zmq.LINGER, 1000)
         self.router.setsockopt(zmq.RCVHWM, 1000)
         self.router.setsockopt(zmq.SNDHWM, 10000)
-        if curve:
+        if self.curve_keys is not None:
             from zmq.auth.thread import ThreadAuthenticator
-            public, secret = zmq.auth.load_certificate(self.curve_secret_key)
-            if secret is None:
-                raise UnbakeError(f"{self.curve_secret_key}: no secret key in this certificate file")
-            if not os.path.isdir(self.curve_allowed_keys):
-                raise UnbakeError(f"{self.curve_allowed_keys}: not a folder of allowed public keys")
             self.auth = ThreadAuthenticator(ctx)
             self.auth.start()
             self.auth.configure_curve(domain="*", location=self.curve_allowed_keys)
             self.router.curve_server = True
-            self.router.curve_publickey, self.router.curve_secretkey = public, secret
-        if self.endpoint.startswith("ipc://"):
-            path = self.endpoint[len("ipc://"):]
-            parent = os.path.dirname(path) or "."
-            os.makedirs(parent, mode=0o700, exist_ok=True)
+            self.router.curve_publickey, self.router.curve_secretkey = self.curve_keys
+        path = endpoints.ipc_path(self.endpoint)
+        try:
+            if path is None:
+                self.router.bind(self.endpoint)
+                return
+            endpoints.clear_stale_socket(path)  # we hold the endpoint's lock: no unbake engine serves it
             old = os.umask(0o077)  # the socket file is created 0600
             try:
-                if os.path.exists(path):
-                    os.unlink(path)  # stale: we hold the endpoint's lock, so no daemon serves it
                 self.router.bind(self.endpoint)
             finally:
                 os.umask(old)
-            os.chmod(path, 0o600)
-        else:
-            self.router.bind(self.endpoint)
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EADDRINUSE:
+                raise EngineUnavailable(f"cannot listen on {self.endpoint}: the address is in use") from None
+            raise BadRequest(f"cannot listen on {self.endpoint}: {e.strerror}") from None
+        self.socket_file = endpoints.socket_identity(path)
+        if self.socket_file is None:
+            raise NotPrivate(f"{path}: no socket there after binding (removed or replaced meanwhile)")
+        os.chmod(path, 0o600)
 
     def serve(self) -> int:
-        """Bind, preload, serve until SIGTERM/SIGINT or idle exit. Returns the exit status."""
+        """Lock the endpoint, bind, preload, serve until SIGTERM/SIGINT or idle exit. Returns the
+        exit status: 0, EXIT_IN_USE (another engine serves the endpoint), 1 (one line logged: the
+        socket, the lock, a model that cannot be preloaded)."""
         try:
             self._lock()
         except EngineUnavailable as e:
             self.log(str(e))
             return EXIT_IN_USE
+        except UnbakeError as e:
+            self.log(str(e))
+            return 1
         ctx = zmq.Context()
         try:
+            # Everything that can be checked without binding was checked in __init__ (endpoint, CURVE
+            # files, TCP without CURVE, the socket's path). The socket comes last: a client that finds
+            # it gets answers (it does not wait out a model's preload).
             self.service = self.service_factory(self.emit)
             for name in self.preload:
                 t0 = time.monotonic()
                 name = self.service.preload(name)
                 self.log(f"{name} loaded and warmed up in {time.monotonic() - t0:.1f} s")
             self.bind(ctx)
+            if self.endpoint.startswith("tcp://") and self.curve_keys is None:
+                self.log(f"{self.endpoint}: without CURVE, every local user may use this engine "
+                         f"(--allow-any-local-user)")
         except UnbakeError as e:
             self.log(str(e))
             self._cleanup(ctx)
             return 1
+        except BaseException:
+            self._cleanup(ctx)
+            raise
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         poller = zmq.Poller()
@@ -422,9 +493,10 @@ class Daemon:
             router.close(linger=500)
         if self.auth is not None:
             self.auth.stop()
-        if self.endpoint.startswith("ipc://"):
+        path = endpoints.ipc_path(self.endpoint)
+        if path is not None and self.socket_file is not None and endpoints.socket_identity(path) == self.socket_file:
             try:
-                os.unlink(self.endpoint[len("ipc://"):])
+                os.unlink(path)  # the socket this daemon bound, and nothing else
             except FileNotFoundError:
                 pass
         self.loader.shutdown(wait=False, cancel_futures=True)
@@ -437,8 +509,8 @@ class Daemon:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", default=None,
-                   help="ipc://PATH or tcp://127.0.0.1:PORT (default: $UNBAKE_ENDPOINT or "
-                        "ipc://<user runtime dir>/unbake/engine.sock)")
+                   help="ipc://PATH, or tcp://HOST:PORT with CURVE keys or --allow-any-local-user "
+                        "(default: $UNBAKE_ENDPOINT or ipc://<user runtime dir>/unbake/engine.sock)")
     p.add_argument("-d", "--device", default=None, help="cpu, cuda, cuda:N, mps (default: cuda if available)")
     p.add_argument("--fp16", action="store_true", help="half precision (CUDA autocast)")
     p.add_argument("-j", "--jobs", type=int, default=None, help="CPU threads for the networks")
@@ -464,11 +536,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the daemon's CURVE certificate (zmq.auth format, with the secret key)")
     p.add_argument("--curve-allowed-keys", default=None, metavar="DIR",
                    help="folder of the public certificates of the clients allowed in")
+    p.add_argument("--allow-any-local-user", action="store_true", default=None,
+                   help="serve a loopback tcp:// endpoint without CURVE: every local user may then use "
+                        f"the engine (default: ${endpoints.ALLOW_ANY_LOCAL_USER_ENV}=1, else refused)")
+
+
+def allow_any_local_user(flag: bool | None) -> bool:
+    """``--allow-any-local-user`` (True), else ``$UNBAKE_ALLOW_ANY_LOCAL_USER``: "1" yes, unset, ""
+    or "0" no. Raises BadRequest for another value (a setting with this meaning is never guessed)."""
+    if flag:
+        return True
+    value = os.environ.get(endpoints.ALLOW_ANY_LOCAL_USER_ENV, "")
+    if value not in ("", "0", "1"):
+        raise BadRequest(f"{endpoints.ALLOW_ANY_LOCAL_USER_ENV}={value[:40]!r}: must be 1 (every local user "
+                         f"may use the engine) or 0")
+    return value == "1"
 
 
 def run(args: argparse.Namespace) -> int:
+    """``unbake serve``: one line on stderr and status 1 for a bad endpoint, model name, CURVE
+    setup or runtime folder (before anything is loaded); else ``Daemon.serve``'s status."""
     tune_heap()  # before any thread starts
-    endpoint = args.endpoint or P.default_endpoint()
+    preload = [m for m in args.preload.split(",") if m]
+    try:
+        endpoint = endpoints.check_endpoint(args.endpoint or P.default_endpoint())
+        for name in preload:
+            P.check_model_name(name, "--preload")
+        allow = allow_any_local_user(getattr(args, "allow_any_local_user", None))
+    except UnbakeError as e:
+        print(f"unbake serve: {e}", file=sys.stderr)
+        return 1
     limits = P.Limits(session_ttl_s=args.session_ttl_s, max_sessions=args.max_sessions,
                       max_sessions_per_client=args.max_sessions_per_client)
 
@@ -481,8 +578,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         daemon = Daemon(endpoint, service_factory, limits=limits, idle_exit_s=args.idle_exit_s,
                         drain_s=args.drain_s, curve_secret_key=args.curve_secret_key,
-                        curve_allowed_keys=args.curve_allowed_keys,
-                        preload=[m for m in args.preload.split(",") if m])
+                        curve_allowed_keys=args.curve_allowed_keys, preload=preload,
+                        allow_any_local_user=allow)
     except UnbakeError as e:
         print(f"unbake serve: {e}", file=sys.stderr)
         return 1
