@@ -304,8 +304,10 @@ def engine_flag_warnings(hello: dict, endpoint: str, *, device: str | None = Non
 
 
 def _endpoint(args) -> str:
-    from engine.protocol import default_endpoint
-    return args.endpoint or default_endpoint()
+    """--endpoint, else $UNBAKE_ENDPOINT, else the per-user socket; checked (ipc:// or tcp:// only).
+    Raises BadRequest (a bad endpoint), NotPrivate (the runtime folder is not this user's alone)."""
+    from engine.protocol import check_endpoint, default_endpoint
+    return check_endpoint(args.endpoint or default_endpoint())
 
 
 def _separate_via_daemon(args, unusable: dict[int, Exception] | None = None) -> int:
@@ -443,6 +445,9 @@ def cmd_status(args) -> int:
         endpoint = _endpoint(args)
     except OSError as e:
         _err(f"no endpoint for the unbake engine ({e})")
+        return EXIT_FAILED
+    except UnbakeError as e:
+        _err(str(e))
         return EXIT_FAILED
     if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
         _err(f"no unbake engine at {endpoint} (no socket at {endpoint[len('ipc://'):]})")

@@ -61,7 +61,7 @@ import numpy as np
 import zmq
 
 import engine
-from engine import protocol
+from engine import endpoints, protocol
 from engine.errors import (BadAudio, BadRequest, Cancelled, EngineUnavailable, ProtocolError,
                            UnbakeError, UnknownSession, from_code)
 
@@ -623,8 +623,13 @@ class StemStream:
 class Client:
     """A connection to the unbake engine daemon (torch-free; not thread-safe).
 
-    endpoint: zmq endpoint, e.g. ``ipc:///run/user/1000/unbake/engine.sock`` or ``tcp://host:5555``.
-        None (default): ``$UNBAKE_ENDPOINT``, else ``ipc://<runtime_dir>/engine.sock``, and autostart.
+    endpoint: zmq endpoint, e.g. ``ipc:///run/user/1000/unbake/engine.sock`` or ``tcp://host:5555``
+        (``engine.endpoints.check_endpoint``: ipc:// or tcp:// only, checked here: BadRequest).
+        None (default): ``$UNBAKE_ENDPOINT``, else ``ipc://<runtime_dir>/engine.sock``, and autostart
+        (NotPrivate, code E_NOT_PRIVATE, when the runtime folder is not this user's alone: a
+        symlink, another owner, open to others; nothing is changed then). An autostarted engine on
+        a loopback tcp:// endpoint without CURVE needs ``UNBAKE_ALLOW_ANY_LOCAL_USER=1`` in this
+        process's environment (``unbake serve --allow-any-local-user``), else it refuses to start.
     timeout_s: seconds to wait for the next reply to a request (any reply to it, ``progress``
         keep-alives included, restarts the wait) before giving up with EngineUnavailable. Default 10.
     retries: how many times a request that is safe to repeat (hello, status, models, a whole
@@ -658,7 +663,8 @@ class Client:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         if int(retries) < 0:
             raise ValueError(f"retries must be >= 0, got {retries!r}")
-        self.endpoint: str = endpoint if endpoint is not None else protocol.default_endpoint()
+        self.endpoint: str = protocol.check_endpoint(endpoint if endpoint is not None
+                                                     else protocol.default_endpoint())
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
         self.autostart = (endpoint is None) if autostart is None else bool(autostart)
@@ -1031,8 +1037,8 @@ class Client:
     def _daemon_lock_held(self) -> bool:
         """Is the endpoint's daemon lock (``protocol.lock_path``) held, i.e. a daemon up or starting?"""
         try:
-            fd = os.open(protocol.lock_path(self.endpoint), os.O_RDONLY)
-        except OSError:
+            fd = os.open(protocol.lock_path(self.endpoint), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (OSError, UnbakeError):
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -1052,8 +1058,12 @@ class Client:
         if self._probe():
             return
         start_lock = protocol.lock_path(self.endpoint) + ".start"
-        os.makedirs(os.path.dirname(start_lock) or ".", mode=0o700, exist_ok=True)
-        fd = os.open(start_lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.makedirs(os.path.dirname(start_lock) or ".", mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise EngineUnavailable(f"cannot start the unbake engine at {self.endpoint}: "
+                                    f"{os.path.dirname(start_lock)}: {e.strerror}") from None
+        fd = endpoints.open_lock(start_lock)  # never through a symlink; NotPrivate otherwise
         try:
             deadline = time.monotonic() + self.start_timeout_s
             while True:
@@ -1083,7 +1093,10 @@ class Client:
 
         def spawn() -> tuple[subprocess.Popen, bool]:
             busy = self._daemon_lock_held()  # a daemon is exiting (or stuck): ours may refuse
-            log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                raise EngineUnavailable(f"cannot start the unbake engine: its log {log_path}: {e.strerror}") from None
             try:
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                         close_fds=True, start_new_session=True, env=env)
