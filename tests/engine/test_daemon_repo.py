@@ -131,7 +131,8 @@ def test_a_tcp_peer_may_not_name_a_folder(tmp_path, repos):
     folder, _ = repos["a"]
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     # the engine's own folder holds the model too: the same open without 'repo' is served
-    with EngineProcess(endpoint, "-d", "cpu", env={"UNBAKE_REPO": str(folder)}, log=tmp_path / "log") as proc:
+    with EngineProcess(endpoint, "-d", "cpu", "--allow-any-local-user", env={"UNBAKE_REPO": str(folder)},
+                       log=tmp_path / "log") as proc:
         with Peer(endpoint) as peer:
             for repo in (str(folder), str(tmp_path), "/etc"):
                 err = peer.call(P.OPEN, sample_rate=44100, channels=2, model=NAME, repo=repo)

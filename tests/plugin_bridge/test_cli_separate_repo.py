@@ -117,7 +117,8 @@ def test_bad_repos_are_one_line_each(engine, repo, song, tmp_path):
 
 def test_an_engine_on_tcp_refuses_a_repo_in_one_line(repo, song, tmp_path):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    with EngineProcess(endpoint, "-d", "cpu", env={"UNBAKE_REPO": str(tmp_path)}, log=tmp_path / "log") as proc:
+    with EngineProcess(endpoint, "-d", "cpu", "--allow-any-local-user", env={"UNBAKE_REPO": str(tmp_path)},
+                       log=tmp_path / "log") as proc:
         r = unbake("separate", "--endpoint", endpoint, "-n", NAME, "--repo", repo, "-o", tmp_path / "o", song)
         assert r.returncode == 1
         assert r.stderr.strip().splitlines() == [
