@@ -13,7 +13,7 @@ import torch
 
 from . import audio
 from .apply import Job, Streamer
-from .errors import BadRequest
+from .errors import BadAudio, BadRequest
 
 
 def output_stems(sources: list[str], two_stems: str | None) -> list[str]:
@@ -41,6 +41,11 @@ class TrackSeparator:
     ``push(block)`` takes float32 [channels, n] and returns {stem: float32 [channels, m]} of the
     final output so far; ``close()`` returns the rest. All outputs together have exactly the
     pushed length, aligned with the input.
+
+    Errors: ``feed``/``push`` raise BadAudio for NaN/Inf samples and for samples beyond the model's
+    ``max_input_peak`` (when it states one: spleeter-2stems, 1e3), and the track goes on (nothing of
+    that block was taken); ``collect``/``close`` raise BadAudio if the separation gave NaN/Inf samples
+    (a model overflowing), so that non-finite stems are never handed out.
     """
 
     def __init__(self, model, sample_rate: int, channels: int, *, two_stems: str | None = None,
@@ -85,6 +90,12 @@ class TrackSeparator:
                                                         np.float32)], axis=-1)
         n = min(stems.shape[-1], self.frames_in - self.frames_out)
         out, self.held = stems[..., :n], stems[..., n:]
+        if out.size and not np.isfinite(out).all():
+            bad = np.argwhere(~np.isfinite(out))
+            i = int(bad[np.argmin(bad[:, -1])][0])
+            frame = self.frames_out + int(bad[:, -1].min())
+            raise BadAudio(f"{self.where}: the separation gave NaN or Inf samples in stem {self.stems[i]!r} at "
+                           f"frame {frame} ({frame / self.sample_rate:.3f} s); the model overflowed on this input")
         self.frames_out += n
         return {name: np.ascontiguousarray(out[i], dtype=np.float32) for i, name in enumerate(self.stems)}
 
@@ -106,9 +117,25 @@ class TrackSeparator:
         block = audio.validate(block, self.where, self.frames_in, self.sample_rate)
         if block.shape[0] != self.channels:
             raise BadRequest(f"{self.where}: block has {block.shape[0]} channels, the track {self.channels}")
+        self._check_peak(block)
         self.frames_in += block.shape[1]
         x = self.to_model.process(audio.to_channels(block, self.model.audio_channels))
         return self.streamer.feed(torch.from_numpy(np.ascontiguousarray(x)))
+
+    def _check_peak(self, block: np.ndarray) -> None:
+        """BadAudio if a sample of ``block`` (finite float32 [channels, n]) is beyond the model's
+        ``max_input_peak`` (None or absent: no bound), naming the first such frame and the peak."""
+        bound = getattr(self.model, "max_input_peak", None)
+        if bound is None or not block.size:
+            return
+        loud = np.abs(block) > bound
+        if not loud.any():
+            return
+        frame = self.frames_in + int(np.argwhere(loud)[:, 1].min())
+        peak = float(np.abs(block).max())
+        raise BadAudio(f"{self.where}: input peak {peak:.3g} (from frame {frame}, {frame / self.sample_rate:.3f} s) "
+                       f"is beyond what {getattr(self.model, 'name', 'the model')} can separate (peaks up to "
+                       f"{bound:g}, {20 * math.log10(bound):+.0f} dBFS); scale the audio down")
 
     def feed_close(self) -> list[Job]:
         """End of the track: the remaining jobs."""
