@@ -33,6 +33,7 @@ This module imports no torch: the torch side (engine.service) is imported when s
 from __future__ import annotations
 
 import argparse
+import collections
 import fcntl
 import ipaddress
 import os
@@ -55,6 +56,9 @@ from .errors import (BadAudio, BadRequest, EngineUnavailable, LimitExceeded, Not
                      ProtocolError, QueueFull, UnbakeError, UnknownSession)
 
 KEEPALIVE_S = 1.0
+PROBE_S = 3.0          # after a disconnect event, how long to look for the client that left
+FINAL_ANSWER_S = 5.0   # at exit: how long to answer what is still in the socket and flush replies
+QUIET_S = 0.3          # ... and how long the socket must stay quiet before the engine exits
 TRIM_IDLE_S = 2.0
 TICK_S = 0.2
 DRAIN_S = 10.0
@@ -63,12 +67,20 @@ EXIT_IN_USE = 3
 
 @dataclass
 class SessionInfo:
+    """A session as the daemon sees it. ``deadline`` (time.monotonic) is when it expires while no
+    request of it is in flight (``protocol.SESSION_TTL_S_PER_AUDIO_S``); ``in_flight`` counts its
+    requests not yet answered, ``busy_since`` when the first of them came; ``open_re`` is the id of
+    the ``open`` that made it (a disconnect probe names it)."""
     owner: bytes
     channels: int = 0
     sample_rate: int = 0
     frames_in: int = 0
     ready: bool = False
-    last_seen: float = field(default_factory=time.monotonic)
+    peer: str = ""
+    open_re: int = 0
+    deadline: float = field(default_factory=time.monotonic)
+    in_flight: int = 0
+    busy_since: float = 0.0
 
 
 @dataclass
@@ -76,6 +88,21 @@ class Pending:
     op: str
     sid: str | None
     last_reply: float = field(default_factory=time.monotonic)
+    samples: int = 0       # audio of a push, counted against its client's and peer's queued quota
+
+
+@dataclass
+class Conn:
+    """One connection (a client's DEALER, by its routing identity). ``peer``: its peer identity
+    (``protocol.peer_identity``); ``pid``: its process on ipc (None elsewhere); ``backlog``: replies
+    zmq could not take (it holds SEND_QUEUE_MESSAGES per connection), oldest first, as
+    (frames, bytes); ``paused``: its sessions' forward passes wait until it reads."""
+    peer: str
+    pid: int | None = None
+    backlog: collections.deque = field(default_factory=collections.deque)
+    unread_bytes: int = 0
+    queued_samples: int = 0
+    paused: bool = False
 
 
 class Daemon:
@@ -113,6 +140,12 @@ class Daemon:
         self.loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="unbake-load")
         self.sessions: dict[str, SessionInfo] = {}
         self.pending: dict[tuple[bytes, int], Pending] = {}
+        self.conns: dict[bytes, Conn] = {}            # flow control and quotas per connection
+        self.peer_unread: collections.Counter = collections.Counter()   # bytes held, per peer identity
+        self.peer_queued: collections.Counter = collections.Counter()   # push samples in flight, per peer
+        self.monitor = None        # the ROUTER's disconnect events (serve)
+        self.probe_until = 0.0     # look for clients that left until then
+        self.cut_off = 0           # clients cut off for not reading
         self.served = 0
         self.started = time.monotonic()
         self.last_activity = time.monotonic()
@@ -131,14 +164,25 @@ class Daemon:
             pass  # the pipe is full: the loop is already awake
 
     def _send(self, identity: bytes, header: dict, pcm: list = ()) -> None:
+        """Send a reply, or keep it (in order) for a client whose zmq queue is full; a client that
+        is gone (EHOSTUNREACH) is forgotten with its sessions (``_client_left``)."""
         kind, re = header.get("kind"), header.get("re")
         frames = P.reply(kind, re, list(pcm), **{k: P.to_plain(v) for k, v in header.items()
                                                  if k not in ("kind", "re")})
-        try:
-            self.router.send_multipart([identity, *frames], copy=False)
-        except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or its queue is full: drop
-            if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-                raise
+        conn = self.conns.get(identity)
+        if conn is not None and conn.backlog:
+            self._hold(identity, conn, frames)
+        else:
+            try:
+                self.router.send_multipart([identity, *frames], copy=False)
+            except zmq.Again:  # its queue is full (SNDHWM): keep the reply, counted
+                if conn is None:
+                    conn = self.conns[identity] = Conn("addr:?")
+                self._hold(identity, conn, frames)
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EHOSTUNREACH:
+                    raise
+                self._client_left(identity, "its connection is gone")
         if kind in P.TERMINAL:
             self.served += 1
         if re is None:
@@ -150,20 +194,183 @@ class Daemon:
         entry.last_reply = time.monotonic()
         if kind in P.TERMINAL:
             del self.pending[key]
+            self._release(identity, entry)
             self._finished(identity, entry, kind, header)
+
+    def _release(self, identity: bytes, entry: Pending) -> None:
+        """A request is answered: its audio no longer counts against the queued quotas."""
+        if entry.samples:
+            conn = self.conns.get(identity)
+            if conn is not None:
+                conn.queued_samples -= entry.samples
+                self.peer_queued[conn.peer] -= entry.samples
+                if self.peer_queued[conn.peer] <= 0:
+                    del self.peer_queued[conn.peer]
+        info = self.sessions.get(entry.sid) if entry.sid else None
+        if info is not None and info.in_flight > 0:
+            info.in_flight -= 1
+            if info.in_flight == 0:  # time spent queued or running does not count against the TTL
+                now = time.monotonic()
+                info.deadline = min(now + self.limits.session_ttl_s, info.deadline + (now - info.busy_since))
 
     def _finished(self, identity: bytes, entry: Pending, kind: str, header: dict) -> None:
         info = self.sessions.get(entry.sid) if entry.sid else None
         if info is None:
             return
-        info.last_seen = time.monotonic()
         if entry.op == P.OPEN:
             if kind == P.K_READY:
                 info.ready = True
+                info.deadline = time.monotonic() + self.limits.session_ttl_s
+                conn = self.conns.get(identity)
+                if conn is not None and conn.paused:
+                    self.service.scheduler.pause(entry.sid)
             else:
                 del self.sessions[entry.sid]
         elif not self.service.scheduler.has(entry.sid):  # closed, or ended by an error
             del self.sessions[entry.sid]
+
+    # -- flow control (this thread) ---------------------------------------------------------------
+    def _hold(self, identity: bytes, conn: Conn, frames: list) -> None:
+        size = sum(len(f) for f in frames)
+        conn.backlog.append((frames, size))
+        conn.unread_bytes += size
+        self.peer_unread[conn.peer] += size
+        if len(conn.backlog) > self.limits.max_unread_replies_per_client:
+            self._cut_off(identity, conn)
+        else:
+            self._update_pause(identity, conn)
+
+    def _flush_backlogs(self) -> None:
+        """Hand kept replies to zmq, oldest first, as far as each client's queue takes them."""
+        for identity, conn in list(self.conns.items()):
+            if not conn.backlog:
+                continue
+            while conn.backlog:
+                frames, size = conn.backlog[0]
+                try:
+                    self.router.send_multipart([identity, *frames], copy=False)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError as e:
+                    if e.errno != zmq.EHOSTUNREACH:
+                        raise
+                    self._client_left(identity, "its connection is gone")
+                    break
+                conn.backlog.popleft()
+                conn.unread_bytes -= size
+                self._unread(conn.peer, -size)
+            if self.conns.get(identity) is conn:
+                self._update_pause(identity, conn)
+
+    def _unread(self, peer: str, delta: int) -> None:
+        self.peer_unread[peer] += delta
+        if self.peer_unread[peer] <= 0:
+            del self.peer_unread[peer]
+
+    def _update_pause(self, identity: bytes, conn: Conn) -> None:
+        """Pause the forward passes of a client's sessions while it has more than
+        PAUSE_UNREAD_BYTES_PER_CLIENT unread (or any, once its peer identity has more than
+        max_unread_bytes_per_peer); resume them once it has read."""
+        paused = conn.unread_bytes > P.PAUSE_UNREAD_BYTES_PER_CLIENT or (
+            conn.unread_bytes > 0 and self.peer_unread.get(conn.peer, 0) > self.limits.max_unread_bytes_per_peer)
+        if paused == conn.paused:
+            return
+        conn.paused = paused
+        for sid, info in self.sessions.items():
+            if info.owner == identity and info.ready:
+                self.service.scheduler.pause(sid, paused)
+
+    def _drop_backlog(self, conn: Conn) -> int:
+        dropped = len(conn.backlog)
+        self._unread(conn.peer, -conn.unread_bytes)
+        conn.backlog.clear()
+        conn.unread_bytes = 0
+        return dropped
+
+    def _end_sessions(self, identity: bytes, reason) -> int:
+        """End every session of a client (their requests get ``reason``), forget its requests."""
+        ended = 0
+        for sid, info in list(self.sessions.items()):
+            if info.owner == identity:
+                self.service.scheduler.cancel(sid, reason)
+                del self.sessions[sid]
+                ended += 1
+        for key in [k for k in self.pending if k[0] == identity]:
+            entry = self.pending.pop(key)
+            self._release(identity, entry)
+        return ended
+
+    def _cut_off(self, identity: bytes, conn: Conn) -> None:
+        """A client with more than max_unread_replies_per_client replies unread: its sessions end,
+        what it has not read is dropped, and the log says so (never silently)."""
+        size = conn.unread_bytes
+        dropped = self._drop_backlog(conn)
+        ended = self._end_sessions(identity, QueueFull(
+            "this client did not read its replies: cut off, its sessions ended"))
+        self._drop_backlog(conn)  # the errors just queued for it: nobody reads them either
+        conn.paused = False
+        self.cut_off += 1
+        self.log(f"client {identity.hex()} ({conn.peer}): {dropped} replies ({size / 2 ** 20:.1f} MB) "
+                 f"unread; cut off: {ended} session(s) ended, those replies dropped")
+
+    def _client_left(self, identity: bytes, why: str) -> None:
+        """The client is gone (its process ended, its connection closed): free its sessions now."""
+        conn = self.conns.pop(identity, None)
+        if conn is not None:
+            self._drop_backlog(conn)
+        ended = self._end_sessions(identity, UnknownSession(f"the client left ({why})"))
+        if conn is not None and conn.queued_samples:
+            self.peer_queued[conn.peer] -= conn.queued_samples
+            if self.peer_queued[conn.peer] <= 0:
+                del self.peer_queued[conn.peer]
+        if ended:
+            self.log(f"client {identity.hex()} left ({why}): {ended} session(s) freed")
+
+    def _conn(self, identity: bytes, frame) -> Conn:
+        conn = self.conns.get(identity)
+        if conn is None:
+            address = user = None
+            try:
+                address = frame.get("Peer-Address")
+            except (zmq.ZMQError, AttributeError):
+                pass
+            if getattr(self, "curve_keys", None) is not None or self.curve_secret_key:
+                try:
+                    user = frame.get("User-Id")
+                except (zmq.ZMQError, AttributeError):
+                    pass
+            ipc = self.endpoint.startswith("ipc://")
+            conn = self.conns[identity] = Conn(P.peer_identity(address, user, ipc=ipc),
+                                               P.peer_pid(address, ipc))
+        return conn
+
+    def _on_disconnect(self) -> None:
+        """A connection closed (zmq monitor): look for the client that left for a few seconds."""
+        try:
+            while self.monitor.poll(0):
+                self.monitor.recv_multipart(zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        self.probe_until = time.monotonic() + PROBE_S
+
+    def _probe(self) -> None:
+        """Which clients with sessions are gone? ipc: its process has ended (pid from the socket's
+        credentials). TCP: a ``progress`` naming its session's ``open`` (already answered; clients
+        ignore it) cannot be routed any more (EHOSTUNREACH)."""
+        busy = {k[0] for k in self.pending}
+        owners = {}
+        for sid, info in self.sessions.items():
+            if info.ready:
+                owners.setdefault(info.owner, (sid, info))
+        for identity, (sid, info) in owners.items():
+            conn = self.conns.get(identity)
+            if conn is None:
+                continue
+            if conn.pid is not None:
+                if not _process_alive(conn.pid):
+                    self._client_left(identity, f"process {conn.pid} ended")
+            elif identity not in busy and not conn.backlog:
+                self._send(identity, {"kind": P.K_PROGRESS, "re": info.open_re, "session": sid, "state": "idle"})
 
     def _error(self, identity: bytes, re: int | None, err: Exception) -> None:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -177,14 +384,15 @@ class Daemon:
         identity, header_frame, pcm = frames[0].bytes, frames[1], frames[2:]
         self.last_activity = time.monotonic()
         self.trimmed = False
+        self._conn(identity, header_frame)
         re = None
         try:
-            if len(pcm) > self.limits.max_frames:  # before looking at any of them
-                raise LimitExceeded(f"{len(pcm)} PCM frames in one message, the limit is {self.limits.max_frames}")
             if len(header_frame) > self.limits.max_header_bytes:
                 raise LimitExceeded(f"header: {len(header_frame)} bytes, the limit is {self.limits.max_header_bytes}")
             header = P.unpack_header(header_frame.bytes, self.limits)
-            re = P.request_id(header)
+            re = P.request_id(header)  # every error below names the request
+            if len(pcm) > self.limits.max_frames:  # counted, none of them looked at
+                raise LimitExceeded(f"{len(pcm)} PCM frames in one message, the limit is {self.limits.max_frames}")
             req = P.check_request(header, len(pcm), self.limits)
             if (identity, re) in self.pending:
                 raise ProtocolError(f"request id {re} is already in use by a request still running")
@@ -215,14 +423,20 @@ class Daemon:
             raise NotPermitted(f"open #{req['id']}: this engine listens on {self.endpoint}, whose peers may not "
                                f"name folders on its machine ('repo' is for peers of its own ipc:// socket); "
                                f"start it with `unbake serve --repo DIR` instead")
+        peer = self.conns[identity].peer
         mine = sum(1 for s in self.sessions.values() if s.owner == identity)
         if mine >= self.limits.max_sessions_per_client:
             raise QueueFull(f"this client has {mine} sessions open, the limit is "
                             f"{self.limits.max_sessions_per_client}; close some first")
+        ours = sum(1 for s in self.sessions.values() if s.peer == peer)
+        if ours >= self.limits.max_sessions_per_peer:
+            raise QueueFull(f"{peer} has {ours} sessions open (over all its connections), the limit per "
+                            f"peer is {self.limits.max_sessions_per_peer}; close some first")
         if len(self.sessions) >= self.limits.max_sessions:
             raise QueueFull(f"{len(self.sessions)} sessions open, the daemon's limit is {self.limits.max_sessions}")
         sid = os.urandom(8).hex()  # not `secrets`: it pulls OpenSSL into every torch-free CLI
-        self.sessions[sid] = SessionInfo(identity, req["channels"], req["sample_rate"])
+        self.sessions[sid] = SessionInfo(identity, req["channels"], req["sample_rate"], peer=peer,
+                                         open_re=req["id"])
         self._track(identity, req, sid)
         self.loader.submit(self._run_job, identity, req["id"],
                            lambda: {"kind": P.K_READY, **self.service.open(
@@ -234,19 +448,33 @@ class Daemon:
         if info is None or info.owner != identity or not info.ready:
             raise UnknownSession(f"session {req['session']}: not open (closed, cancelled, expired, or "
                                  f"opened by another client)")
-        info.last_seen = time.monotonic()
-        return info
+        return info  # a request alone does not keep a session (SessionInfo.deadline)
 
     def _op_push(self, identity, req, pcm):
         info = self._session(identity, req)
         if req["channels"] != info.channels:
             raise BadAudio(f"push #{req['id']}: {req['channels']} channels, session {req['session']} was "
                            f"opened with {info.channels}")
+        samples = req["channels"] * req["frames"]
+        conn = self.conns[identity]
+        if conn.queued_samples + samples > self.limits.max_queued_samples_per_client:
+            raise QueueFull(f"push #{req['id']}: slow down: this client has {conn.queued_samples} samples "
+                            f"of audio queued, the limit is {self.limits.max_queued_samples_per_client}; "
+                            f"wait for the replies to earlier pushes")
+        if self.peer_queued[conn.peer] + samples > self.limits.max_queued_samples_per_peer:
+            raise QueueFull(f"push #{req['id']}: slow down: {conn.peer} has {self.peer_queued[conn.peer]} "
+                            f"samples of audio queued, the limit per peer is "
+                            f"{self.limits.max_queued_samples_per_peer}; wait for the replies")
         block = P.pcm_array(pcm[0].buffer, req["channels"], req["frames"], where=f"push #{req['id']}",
                             first_frame=info.frames_in, sample_rate=info.sample_rate)
         self.service.scheduler.submit(req["session"], identity, req["id"], P.PUSH, block)
         info.frames_in += req["frames"]
-        self._track(identity, req, req["session"])
+        now = time.monotonic()  # audio pushed keeps the session (SESSION_TTL_S_PER_AUDIO_S per second)
+        info.deadline = min(now + self.limits.session_ttl_s,
+                            info.deadline + req["frames"] / info.sample_rate * P.SESSION_TTL_S_PER_AUDIO_S)
+        self._track(identity, req, req["session"], samples)
+        conn.queued_samples += samples
+        self.peer_queued[conn.peer] += samples
 
     def _op_close(self, identity, req, pcm):
         self._session(identity, req)
@@ -258,9 +486,16 @@ class Daemon:
         self.service.scheduler.cancel(req["session"])
         self.sessions.pop(req["session"], None)
         self._send(identity, {"kind": P.K_DONE, "re": req["id"], "session": req["session"], "final": True})
+        for key in [k for k, e in self.pending.items() if e.sid == req["session"]]:
+            self._release(identity, self.pending.pop(key))  # its pushes' errors come from the scheduler
 
-    def _track(self, identity: bytes, req: dict, sid: str | None) -> None:
-        self.pending[(identity, req["id"])] = Pending(req["op"], sid)
+    def _track(self, identity: bytes, req: dict, sid: str | None, samples: int = 0) -> None:
+        self.pending[(identity, req["id"])] = Pending(req["op"], sid, samples=samples)
+        info = self.sessions.get(sid) if sid else None
+        if info is not None:
+            if info.in_flight == 0:
+                info.busy_since = time.monotonic()
+            info.in_flight += 1
 
     def _run_job(self, identity: bytes, re: int, job) -> None:
         try:
@@ -277,6 +512,8 @@ class Daemon:
         return {"endpoint": self.endpoint, "pid": os.getpid(), "engine_version": __version__,
                 "protocol": P.PROTOCOL_VERSION, "uptime_s": round(time.monotonic() - self.started, 1),
                 "sessions": len(self.sessions), "pending_requests": len(self.pending), "served": self.served,
+                "clients_paused": sum(1 for c in self.conns.values() if c.paused),
+                "unread_mb": round(sum(self.peer_unread.values()) / 2 ** 20, 1), "clients_cut_off": self.cut_off,
                 "rss_mb": round(rss_bytes() / 2 ** 20, 1),
                 "peak_rss_mb": round(peak_rss_bytes() / 2 ** 20, 1),
                 "idle_exit_s": self.idle_exit_s, "session_ttl_s": self.limits.session_ttl_s,
@@ -285,15 +522,24 @@ class Daemon:
     def _tick(self) -> None:
         now = time.monotonic()
         for (identity, re), entry in list(self.pending.items()):
-            if now - entry.last_reply >= KEEPALIVE_S:
+            conn = self.conns.get(identity)
+            if conn is not None and conn.backlog:
+                continue  # it has replies to read first; a keep-alive would only add to them
+            if now - entry.last_reply >= KEEPALIVE_S and (identity, re) in self.pending:
                 self._send(identity, {"kind": P.K_PROGRESS, "re": re, "session": entry.sid,
                                       "state": "working" if entry.op != P.PUSH else "queued"})
-        busy = {e.sid for e in self.pending.values() if e.sid}
         for sid, info in list(self.sessions.items()):
-            if sid not in busy and info.ready and now - info.last_seen > self.limits.session_ttl_s:
-                self.log(f"session {sid}: idle for {self.limits.session_ttl_s:.0f} s, freed")
+            if info.ready and info.in_flight == 0 and now > info.deadline:
+                self.log(f"session {sid}: idle for {self.limits.session_ttl_s:.0f} s (no request, too little "
+                         f"audio pushed), freed")
                 self.service.scheduler.drop(sid)
                 del self.sessions[sid]
+        if now < self.probe_until:
+            self._probe()
+        if len(self.conns) > 64:  # forget connections with nothing open, queued or held
+            owners = {info.owner for info in self.sessions.values()} | {k[0] for k in self.pending}
+            for identity in [i for i, c in self.conns.items() if i not in owners and not c.backlog]:
+                del self.conns[identity]
         if not self.trimmed and not self.pending and now - self.last_activity > TRIM_IDLE_S:
             self.trimmed = True
             release_free_memory()
@@ -326,7 +572,8 @@ class Daemon:
             if not (secret_file and allowed):
                 raise BadRequest("CURVE needs both --curve-secret-key FILE and --curve-allowed-keys DIR")
             if not os.path.isfile(secret_file):
-                raise BadRequest(f"--curve-secret-key {secret_file}: no such file")
+                raise BadRequest(f"--curve-secret-key {secret_file}: "
+                                 f"{'not a file' if os.path.exists(secret_file) else 'no such file'}")
             try:
                 public, secret = zmq.auth.load_certificate(secret_file)
             except (OSError, ValueError) as e:
@@ -388,7 +635,7 @@ class Daemon:
         self.router.setsockopt(zmq.SNDTIMEO, 0)
         self.router.setsockopt(zmq.LINGER, 1000)
         self.router.setsockopt(zmq.RCVHWM, 1000)
-        self.router.setsockopt(zmq.SNDHWM, 10000)
+        self.router.setsockopt(zmq.SNDHWM, P.SEND_QUEUE_MESSAGES)  # the rest is kept and counted (_send)
         if self.curve_keys is not None:
             from zmq.auth.thread import ThreadAuthenticator
             self.auth = ThreadAuthenticator(ctx)
@@ -454,11 +701,16 @@ class Daemon:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.wake_r, zmq.POLLIN)
+        self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        poller.register(self.monitor, zmq.POLLIN)
         self.log(f"ready on {self.endpoint} (device {self.service.device}, pid {os.getpid()})")
         next_tick = time.monotonic() + TICK_S
         try:
             while True:
-                events = dict(poller.poll(TICK_S * 1000))
+                held = any(c.backlog for c in self.conns.values())  # retry them soon: zmq says nothing
+                events = dict(poller.poll(10 if held else TICK_S * 1000))
+                if self.monitor in events:
+                    self._on_disconnect()
                 if self.router in events:
                     for _ in range(256):  # a burst, then replies get their turn
                         try:
@@ -466,6 +718,7 @@ class Daemon:
                         except zmq.Again:
                             break
                         self.handle(frames)
+                self._flush_backlogs()
                 self._drain_outbox()
                 now = time.monotonic()
                 if now >= next_tick:
@@ -478,11 +731,52 @@ class Daemon:
                         not self.pending or now - self.stopping_since > self.drain_s):
                     break
         finally:
-            self.service.stop()
+            self.service.stop()  # requests still in flight get "the engine is shutting down"
             self._drain_outbox()
+            self._answer_the_rest()
             self._cleanup(ctx)
         self.log("stopped")
         return 0
+
+    def _answer_the_rest(self) -> None:
+        """Before exit: answer every request still in the socket (hello and status as usual, the
+        rest "the engine is shutting down") until it has been quiet for QUIET_S, and hand every
+        reply kept for slow readers to zmq, for at most FINAL_ANSWER_S; the log says what could
+        not be delivered."""
+        self.stop_requested = True
+        if self.stopping_since is None:
+            self.stopping_since = time.monotonic()
+        if self.monitor is not None:
+            try:
+                self.router.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self.monitor.close(0)
+            self.monitor = None
+        deadline = time.monotonic() + FINAL_ANSWER_S
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            got = 0
+            for _ in range(256):
+                try:
+                    frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self.handle(frames)
+                got += 1
+            self._drain_outbox()
+            self._flush_backlogs()
+            held = any(c.backlog for c in self.conns.values())
+            now = time.monotonic()
+            if got:
+                quiet_since = now
+            elif now - quiet_since >= QUIET_S and not held:
+                return
+            self.router.poll(10)
+        held = [(i, c) for i, c in self.conns.items() if c.backlog]
+        if held:
+            self.log(f"exiting with {sum(len(c.backlog) for _, c in held)} replies unread by {len(held)} "
+                     f"client(s) that did not read them within {FINAL_ANSWER_S:.0f} s: dropped")
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_requested = True
@@ -503,6 +797,22 @@ class Daemon:
         ctx.term()
         if self.lock_fd is not None:
             os.close(self.lock_fd)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # -- command line ---------------------------------------------------------------------------------
