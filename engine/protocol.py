@@ -101,6 +101,19 @@ MAX_SHIFTS = 20
 # model's own segment length when the session's options leave it out).
 MAX_OVERLAP = 0.95
 MAX_SEGMENTS_PER_S = 50
+# Flow control (engine.daemon). A session's idle clock: ``ready`` gives it ``session_ttl_s``; each
+# second of audio pushed gives it SESSION_TTL_S_PER_AUDIO_S seconds more (never more than
+# ``session_ttl_s`` from now), and time its requests spend queued or running does not count. Pushes
+# of almost nothing (1 frame every minute) no longer keep a session forever; a stream at 1/10 of
+# real time or faster never expires while it streams.
+SESSION_TTL_S_PER_AUDIO_S = 10.0
+# A client that does not read its replies: the engine keeps what zmq cannot take for it (up to
+# PAUSE_UNREAD_BYTES_PER_CLIENT before its sessions pause, i.e. no more forward passes for them
+# until it reads); requests over the queued-audio limits get E_QUEUE_FULL ("slow down"). Nothing is
+# dropped silently: a client past ``max_unread_replies_per_client`` is cut off (its sessions end,
+# its unread replies are dropped, and the engine logs it).
+PAUSE_UNREAD_BYTES_PER_CLIENT = 4 * 2 ** 20
+SEND_QUEUE_MESSAGES = 2      # ZMQ_SNDHWM per connection: the rest waits where the engine counts it
 MAX_ID = 2 ** 63 - 1
 REPO_FIELD = "repo"              # open: a weights folder on the engine's machine (see above)
 MAX_REPO_PATH_CHARS = 4096       # PATH_MAX on Linux
@@ -124,7 +137,16 @@ class Limits:
     max_sessions_per_client: int = 16
     max_sessions: int = 64
     max_pending_per_session: int = 16       # requests of one session queued at once
-    session_ttl_s: float = 120.0            # a session untouched this long is freed
+    session_ttl_s: float = 120.0            # a session idle this long is freed (SESSION_TTL_S_PER_AUDIO_S)
+    # Per peer identity (``peer_identity``: one local user on ipc, one CURVE key, one address on
+    # plain TCP), however many connections it opens:
+    max_sessions_per_peer: int = 32         # no peer holds more than half of max_sessions
+    max_queued_samples_per_peer: int = 2 ** 26   # pushed audio not yet answered (256 MiB of float32)
+    max_unread_bytes_per_peer: int = 2 ** 26     # replies held for its connections (64 MiB): beyond,
+    #                                              the sessions of its connections that do not read pause
+    # Per connection (a client, one zmq DEALER):
+    max_queued_samples_per_client: int = 2 ** 24  # pushed audio not yet answered (64 MiB)
+    max_unread_replies_per_client: int = 20_000   # replies it has not read; beyond, it is cut off
 
     @property
     def max_message_bytes(self) -> int:
@@ -186,6 +208,32 @@ def unpack_header(frame: bytes, limits: Limits) -> dict:
     if not isinstance(header, dict):
         raise ProtocolError(f"header: expected a map, got {type(header).__name__}")
     return header
+
+
+def peer_identity(peer_address: str | None, user_id: str | None = None, ipc: bool = False) -> str:
+    """Who a connection belongs to, for per-peer quotas: ``key:<z85>`` for a CURVE peer (its ZAP
+    User-Id), ``uid:<N>`` for an ipc peer (libzmq's Peer-Address there is ``...:uid:gid:pid``, from
+    SO_PEERCRED; ``ipc`` True: the engine listens on ipc://), else ``addr:<address>`` (plain TCP:
+    every local user shares 127.0.0.1). Never raises: an unreadable address is ``addr:?``."""
+    if user_id:
+        return f"key:{user_id}"
+    if not peer_address:
+        return "addr:?"
+    parts = peer_address.rsplit(":", 3)
+    if ipc and len(parts) == 4 and all(p.isdigit() for p in parts[1:]):
+        return f"uid:{parts[1]}"
+    return f"addr:{peer_address}"
+
+
+def peer_pid(peer_address: str | None, ipc: bool = True) -> int | None:
+    """The peer process's pid on an ipc connection (``...:uid:gid:pid``), else None (TCP, or a
+    pid the engine cannot see: 0)."""
+    if not peer_address or not ipc:
+        return None
+    parts = peer_address.rsplit(":", 3)
+    if len(parts) == 4 and all(p.isdigit() for p in parts[1:]) and int(parts[3]) > 0:
+        return int(parts[3])
+    return None
 
 
 def request_id(header: dict) -> int | None:

@@ -11,6 +11,10 @@ networks, round-robin between sessions, and hands finished stem blocks back as r
                                                given back first if its shape is new: heap.py)
     emit(identity, header, pcm) ◀──────────── track.collect() -> stems / progress / done replies
 
+A paused session (``pause``: its client does not read its replies, engine.daemon) keeps its
+queued segments but none of them is picked until it is resumed, so the engine stops making output
+nobody reads.
+
 Only the worker touches a session's TrackSeparator; the lock guards the queues and makes sure every
 request gets exactly one terminal reply, even when a cancel races with its completion.
 """
@@ -74,6 +78,7 @@ class Scheduler:
         self.cond = threading.Condition()
         self.sessions: dict[str, Session] = {}
         self.ring: collections.deque[str] = collections.deque()  # round-robin order
+        self.paused: set[str] = set()  # sessions whose jobs are not picked (pause)
         self.stopping = False
         self.batches = 0
         self.segments = 0
@@ -117,6 +122,17 @@ class Scheduler:
         """Free an idle session (its client went away)."""
         self.cancel(sid, UnknownSession(f"session {sid} expired"))
 
+    def pause(self, sid: str, paused: bool = True) -> None:
+        """Stop (True) or resume (False) running the session's segments; requests still queue
+        (within max_pending). Unknown sessions are ignored."""
+        with self.cond:
+            if paused:
+                if sid in self.sessions:
+                    self.paused.add(sid)
+            elif sid in self.paused:
+                self.paused.discard(sid)
+                self.cond.notify_all()
+
     def has(self, sid: str) -> bool:
         """Whether the session is still open here (not closed, cancelled or failed)."""
         with self.cond:
@@ -147,6 +163,7 @@ class Scheduler:
         sess.inbox.clear()
         sess.tasks.clear()
         self.sessions.pop(sess.sid, None)
+        self.paused.discard(sess.sid)
         try:
             self.ring.remove(sess.sid)
         except ValueError:
@@ -158,7 +175,8 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self.cond:
-                while not self.stopping and not any(s.inbox or s.jobs for s in self.sessions.values()):
+                while not self.stopping and not any(s.inbox or (s.jobs and s.sid not in self.paused)
+                                                    for s in self.sessions.values()):
                     self.cond.wait()
                 if self.stopping:
                     return
@@ -198,7 +216,8 @@ class Scheduler:
     def _pick_batch(self) -> list[tuple[Session, Job, Task]]:
         with self.cond:
             while True:
-                order = [self.sessions[sid] for sid in self.ring if self.sessions[sid].jobs]
+                order = [self.sessions[sid] for sid in self.ring
+                         if self.sessions[sid].jobs and sid not in self.paused]
                 if not order:
                     return []
                 key = order[0].jobs[0][0].key
