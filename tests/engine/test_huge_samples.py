@@ -13,6 +13,7 @@ import torch
 
 from engine.errors import BadAudio
 from engine.sessions import TrackSeparator
+from engine.stemfiles import OutputFormat, write_track
 from tests.engine.test_apply import Identity
 
 MODEL = "spleeter-2stems"
@@ -79,3 +80,29 @@ def test_non_finite_stems_are_never_handed_out():
                                        r"'double' at frame 1500 \(0\.188 s\); the model overflowed"):
         track.push(block)
         track.close()
+
+
+def test_write_track_never_writes_a_non_finite_stem(tmp_path):
+    src = tmp_path / "loud.wav"
+    mix = np.full((3000, 2), 0.5, np.float32)
+    mix[2500, 1] = 2e38
+    sf.write(str(src), mix, 8000, subtype="FLOAT")
+    out = tmp_path / "out"
+
+    class Unchecked(TrackSeparator):  # a model path without the session's own check
+        def collect(self, final=False):
+            stems = self._stems_from(self.streamer.collect())
+            return self._emit_unchecked(stems, final)
+
+        def _emit_unchecked(self, stems, final):
+            n = min(stems.shape[-1], self.frames_in - self.frames_out)
+            self.frames_out += n
+            return {s: np.ascontiguousarray(stems[i, :, :n]) for i, s in enumerate(self.stems)}
+
+    dests = {"same": out / "same.wav", "double": out / "double.wav"}
+    with pytest.raises(BadAudio) as e:
+        write_track(src, dests, OutputFormat(bit_depth=32),
+                    lambda sr, ch, where: Unchecked(Identity(), sr, ch, where=where))
+    assert str(e.value) == (f"{src}: the separation gave NaN or Inf samples in stem 'double' at frame 2500 "
+                            f"(input peak 2e+38); nothing written for it")
+    assert os.listdir(tmp_path) == ["loud.wav"]  # no stems, no temp files, no folder
