@@ -7,6 +7,7 @@ client's memory does not grow with the length of the file either.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Callable, Iterator, Union
 import numpy as np
 
 from engine import audio
-from engine.errors import EngineUnavailable
+from engine.errors import BadAudio, EngineUnavailable
 from engine.stemfiles import OutputFormat, TrackReport, write_track
 
 # {stem: path} for the stems the session will have, or dests(model_name, stems) -> {stem: path}
@@ -48,15 +49,30 @@ class SessionTrack:
         self.frames_in += block.shape[-1]
         if len(self._tickets) < self.in_flight:
             return {}
-        return self.session.receive(self._tickets.popleft())
+        with self._named():
+            return self.session.receive(self._tickets.popleft())
 
     def close(self) -> Iterator[dict[str, np.ndarray]]:
         """The rest, as the blocks arrive (``{stem: float32 [channels, m]}`` read-only views), so
         that no more than a few replies of stems (2**16 frames each) are held here at a time."""
-        while self._tickets:
-            yield self.session.receive(self._tickets.popleft())
-        yield from self.session.close_blocks()
+        with self._named():
+            while self._tickets:
+                yield self.session.receive(self._tickets.popleft())
+            yield from self.session.close_blocks()
         self.finished = True
+
+    @contextlib.contextmanager
+    def _named(self) -> Iterator[None]:
+        """The engine names the audio of its errors ``session N`` (e.g. BadAudio: ``session 7: input
+        peak 8.8e+17 ... is beyond what spleeter-2stems can separate``); say ``where`` (the file)
+        instead, so that a line reads the same as in process."""
+        try:
+            yield
+        except BadAudio as e:
+            prefix = f"session {getattr(self.session, 'id', None)}: "
+            if not str(e).startswith(prefix):
+                raise
+            raise type(e)(f"{self.where}: {str(e)[len(prefix):]}") from None
 
     def cancel(self) -> None:
         """Free the session in the daemon; never raises (the error being handled matters more)."""
