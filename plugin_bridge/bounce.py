@@ -209,6 +209,12 @@ def expand_inputs(args: Iterable[str], *, lists: Iterable[str] = (), exclude: It
                 add(shown, real)
         elif p.is_file():
             add(entry, p.resolve())
+        elif p.exists() and not _is_glob(entry):  # a named pipe, a socket, a device: say which
+            try:
+                from engine.stemfiles import input_stat
+                input_stat(p)
+            except BadAudio as e:
+                out.append(Input(entry, None, str(e).split(": ", 1)[-1]))
         elif _is_glob(entry):
             matches = sorted(glob.glob(os.path.expanduser(entry), recursive=True))
             skip = _excludes_for(_glob_root(os.path.expanduser(entry)), exclude)
@@ -578,8 +584,9 @@ def bounce_one(job: Job, client, settings: Settings, ctx: Context) -> Result:
         return Result(job.input.source, "failed", 0.0, job.error, "E_BAD_REQUEST" if path else "E_BAD_AUDIO")
     try:
         remove_partials(job)
+        from engine.stemfiles import input_stat
+        st0 = input_stat(path)  # BadAudio: gone, a folder, a named pipe (hashing one would block)
         try:
-            st0 = path.stat()
             digest = sha256_file(path)
         except FileNotFoundError:
             raise BadAudio(f"{path}: no such file") from None
