@@ -429,9 +429,10 @@ class Daemon:
             raise QueueFull(f"this client has {mine} sessions open, the limit is "
                             f"{self.limits.max_sessions_per_client}; close some first")
         ours = sum(1 for s in self.sessions.values() if s.peer == peer)
-        if ours >= self.limits.max_sessions_per_peer:
+        per_peer = min(self.limits.max_sessions_per_peer, max(1, self.limits.max_sessions // 2))
+        if ours >= per_peer:  # another peer can always open one
             raise QueueFull(f"{peer} has {ours} sessions open (over all its connections), the limit per "
-                            f"peer is {self.limits.max_sessions_per_peer}; close some first")
+                            f"peer is {per_peer}; close some first")
         if len(self.sessions) >= self.limits.max_sessions:
             raise QueueFull(f"{len(self.sessions)} sessions open, the daemon's limit is {self.limits.max_sessions}")
         sid = os.urandom(8).hex()  # not `secrets`: it pulls OpenSSL into every torch-free CLI
