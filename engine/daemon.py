@@ -456,6 +456,10 @@ class Daemon:
         if req["channels"] != info.channels:
             raise BadAudio(f"push #{req['id']}: {req['channels']} channels, session {req['session']} was "
                            f"opened with {info.channels}")
+        if info.in_flight >= self.limits.max_pending_per_session:  # before the audio is looked at
+            raise QueueFull(f"push #{req['id']}: slow down: session {req['session']} has {info.in_flight} "
+                            f"requests queued, the limit is {self.limits.max_pending_per_session}; wait for "
+                            f"their replies")
         samples = req["channels"] * req["frames"]
         conn = self.conns[identity]
         if conn.queued_samples + samples > self.limits.max_queued_samples_per_client:
@@ -709,7 +713,7 @@ class Daemon:
         try:
             while True:
                 held = any(c.backlog for c in self.conns.values())  # retry them soon: zmq says nothing
-                events = dict(poller.poll(10 if held else TICK_S * 1000))
+                events = dict(poller.poll(1 if held else TICK_S * 1000))
                 if self.monitor in events:
                     self._on_disconnect()
                 if self.router in events:
@@ -773,7 +777,7 @@ class Daemon:
                 quiet_since = now
             elif now - quiet_since >= QUIET_S and not held:
                 return
-            self.router.poll(10)
+            self.router.poll(1 if held else 10)
         held = [(i, c) for i, c in self.conns.items() if c.backlog]
         if held:
             self.log(f"exiting with {sum(len(c.backlog) for _, c in held)} replies unread by {len(held)} "
