@@ -77,3 +77,51 @@ def test_awkward_rates_cost_little_memory_and_stay_aligned(rate):
     assert got["model_frames"] == -(-got["frames"] * new // old)  # ceil: the flush's promise
     assert got["back_frames"] >= got["frames"]  # a session cuts the tail to the input's length
     assert got["err"] < 2e-2, got  # 440/330 Hz through and back: the same signal, aligned
+
+
+def test_engine_opens_awkward_rates_within_budget_and_others_are_served(tmp_path, spleeter_repo):
+    """Through a real engine: sessions at 44,056, 7,919 and 767,999 Hz open and separate a little
+    audio; the engine's peak RSS stays under its budget + 500 MB and another client's separation,
+    run meanwhile, takes at most twice its unloaded time."""
+    import threading
+    import time
+
+    from engine import protocol as P
+    from plugin_bridge.client import Client
+    from tests.engine.engine_proc import EngineProcess, Peer
+
+    budget_gb = 0.5
+    x = (0.1 * np.random.default_rng(1).standard_normal((2, 10 * 44100))).astype(np.float32)
+    with EngineProcess(f"ipc://{tmp_path}/e.sock", "--preload", "spleeter-2stems", "--memory-budget-gb",
+                       str(budget_gb), log=tmp_path / "log", env={"UNBAKE_REPO": str(spleeter_repo)}) as proc:
+        with Client(proc.endpoint, autostart=False, timeout_s=60) as client:
+            def separate_s():
+                t0 = time.monotonic()
+                assert client.separate(x, 44100, model="spleeter-2stems")["vocals"].shape == x.shape
+                return time.monotonic() - t0
+            unloaded = min(separate_s() for _ in range(2))
+            errors = []
+
+            def attack():
+                try:
+                    with Peer(proc.endpoint) as peer:
+                        for rate in AWKWARD:
+                            ready = peer.call(P.OPEN, sample_rate=rate, channels=2, model="spleeter-2stems",
+                                              timeout_s=60)
+                            assert ready["kind"] == "ready", ready
+                            n = rate // 5
+                            got = peer.replies(peer.request(P.PUSH, [np.full((2, n), 0.01, np.float32)],
+                                                            session=ready["session"], channels=2, frames=n), 60)
+                            got += peer.replies(peer.request(P.CLOSE, session=ready["session"]), 60)
+                            assert got[-1][0]["kind"] == "done" and got[-1][0]["frames_out"] == n, got[-1]
+                except Exception as e:  # reported below
+                    errors.append(e)
+            attacker = threading.Thread(target=attack)
+            attacker.start()
+            loaded = separate_s()
+            attacker.join(120)
+            assert not errors, errors
+            peak = proc.status()["peak_rss_mb"]
+            print(f"separation unloaded {unloaded:.2f} s, with the awkward rates {loaded:.2f} s; peak {peak} MB")
+            assert peak < budget_gb * 1024 + 500
+            assert loaded <= 2 * unloaded + 0.2, (unloaded, loaded)
