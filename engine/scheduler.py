@@ -284,10 +284,12 @@ class Scheduler:
             done = task.jobs_left == 0
             try:
                 stems = sess.track.collect(final=done and task.op == P.CLOSE)
-            except Exception as e:
+            except Exception as e:  # a typed error (non-finite stems: BadAudio) travels as it is
+                reason = e if isinstance(e, UnbakeError) else UnbakeError(
+                    f"session {sess.sid}: internal error: {e!r}")
                 with self.cond:
                     if not sess.cancelled:
-                        self._remove(sess, UnbakeError(f"session {sess.sid}: internal error: {e!r}"))
+                        self._remove(sess, reason)
                 return
             with self.cond:
                 if sess.cancelled:

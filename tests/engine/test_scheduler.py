@@ -4,6 +4,7 @@ import threading
 import time
 
 import numpy as np
+import torch
 import pytest
 
 from engine import protocol as P
@@ -138,5 +139,38 @@ def test_cancel_drops_queued_segments_at_once():
         assert sched.segments == ran < 100  # nothing more ran for it
         with pytest.raises(Exception, match="not open"):
             sched.submit("long", b"a", 2, P.CLOSE)
+    finally:
+        sched.stop()
+
+
+class NaNAfter(ConvSeparator):
+    """A real conv separator whose output turns NaN where the input exceeds 0.5 (a model that
+    overflows on loud input, as spleeter did before its masks were made overflow-free)."""
+
+    def forward(self, mix):
+        out = super().forward(mix)
+        return torch.where((mix.abs() > 0.5)[:, None], torch.full_like(out, float("nan")), out)
+
+
+def test_a_typed_error_of_a_session_reaches_its_client_with_its_code():
+    """Non-finite stems are a BadAudio of that session (E_BAD_AUDIO with the session's message),
+    not an 'internal error'; the scheduler keeps serving the other sessions."""
+    replies = Replies()
+    sched = Scheduler(replies, max_batch=1)
+    loud = np.zeros((2, 3000), np.float32)
+    loud[:, 2500] = 0.9
+    try:
+        with sched.cond:
+            sched.add("loud", TrackSeparator(NaNAfter(segment_frames=1000, pad=4), 8000, 2), "toy")
+            sched.add("fine", TrackSeparator(ConvSeparator(segment_frames=1000, pad=4), 8000, 2), "toy")
+            sched.submit("loud", b"a", 1, P.PUSH, loud)
+            sched.submit("loud", b"a", 2, P.CLOSE)
+            sched.submit("fine", b"b", 3, P.PUSH, _mix(2_000, 1))
+            sched.submit("fine", b"b", 4, P.CLOSE)
+        replies.wait_for(lambda items: replies.terminal(2) and replies.terminal(4))
+        (err,) = replies.terminal(2)
+        assert err["kind"] == "error" and err["code"] == "E_BAD_AUDIO", err
+        assert "NaN or Inf" in err["message"] and "internal" not in err["message"], err
+        assert replies.terminal(4)[0]["kind"] == "done"
     finally:
         sched.stop()
