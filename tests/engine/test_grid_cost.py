@@ -38,3 +38,8 @@ def test_grid_bounds_overlap_and_segments_per_second_with_the_models_own_segment
         grid_for(model, segment_s=0.01, overlap=0.0)  # 100 per second
     with pytest.raises(ValueError, match="the limit is 50"):
         grid_for(ConvSeparator(segment_frames=200), overlap=0.5)  # the model's own 25 ms segment
+    # ... but the model's own default grid is its authors' choice, even past 50 per second (a tiny
+    # RoFormer test model has 86): only overrides that cost more than it and the bound are refused.
+    tiny = ConvSeparator(segment_frames=200)  # default overlap 0.25: stride 150, 53 per second
+    assert grid_for(tiny) == (200, 150)
+    assert grid_for(tiny, overlap=0.2) == (200, 160)
