@@ -15,7 +15,7 @@ from tests.engine.toy_models import ConvSeparator
 # The best combination on the dev songs (bench_quality.py); the `best-available` preset's options
 # when only spleeter weights are installed.
 BEST = {"full_band": True, "mask_exponent": 1.0, "wiener_iterations": 1, "tta": ["swap"]}
-DEFAULT_MEAN = {"vocals": 10.372, "accompaniment": 13.613}  # unbake's default on real-dev-v1
+DEFAULT_MEAN = {"vocals": 10.464, "accompaniment": 13.705}  # unbake's default on real-dev-v1
 REFERENCE_MEAN = {"vocals": 9.945, "accompaniment": 13.183}  # TF spleeter, MWF off
 
 
@@ -180,4 +180,5 @@ def test_best_combination_beats_reference_on_dev_songs(spleeter, eval_dir):
     mean = result["mean"]
     print(mean, f"{result['audio_seconds'] / result['seconds']:.1f}x real time")
     assert mean["vocals"] > REFERENCE_MEAN["vocals"] + 0.3
-    assert mean["accompaniment"] >= DEFAULT_MEAN["accompaniment"] - 0.05
+    assert mean["vocals"] >= DEFAULT_MEAN["vocals"] + 0.2  # bench_quality: +0.26 over the default
+    assert mean["accompaniment"] >= DEFAULT_MEAN["accompaniment"] + 0.2  # +0.28
