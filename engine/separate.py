@@ -1,8 +1,9 @@
 """The offline job in process: one audio file in, one file per stem out, in constant memory.
 
 The file side (blocks in, temporary stem files, rename on success, discard on error) is
-``engine.stemfiles``, shared with the daemon path; here a ``TrackSeparator`` does the separating.
-The names moved to ``engine.stemfiles`` are re-exported so existing imports keep working.
+``engine.stemfiles``, shared with the daemon path (the input opened by ``engine.inputs``); here a
+``TrackSeparator`` does the separating. The names moved to ``engine.stemfiles`` and
+``engine.inputs`` are re-exported so existing imports keep working.
 """
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import BadRequest
+from .inputs import open_input
 from .sessions import TrackSeparator, output_stems
 from .stemfiles import (DEFAULT_TEMPLATE, FORMATS, READ_BLOCK_S, OutputFormat, StemReport, StemWriter,  # noqa: F401
-                        TrackReport, open_input, stem_paths, write_track)
+                        TrackReport, stem_paths, write_track)
 
 _open_input = open_input      # the names these had before they moved
 _StemWriter = StemWriter

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from engine.errors import BadAudio, BadRequest
-from engine.stemfiles import open_input
+from engine.inputs import open_input
 
 from .audacity_pipe import COMMAND_TIMEOUT_S, FINISHED, AudacityError, PipeTransport
 from .daw import safe_name, separate_region

@@ -211,7 +211,7 @@ def expand_inputs(args: Iterable[str], *, lists: Iterable[str] = (), exclude: It
             add(entry, p.resolve())
         elif p.exists() and not _is_glob(entry):  # a named pipe, a socket, a device: say which
             try:
-                from engine.stemfiles import input_stat
+                from engine.inputs import input_stat
                 input_stat(p)
             except BadAudio as e:
                 out.append(Input(entry, None, str(e).split(": ", 1)[-1]))
@@ -584,7 +584,7 @@ def bounce_one(job: Job, client, settings: Settings, ctx: Context) -> Result:
         return Result(job.input.source, "failed", 0.0, job.error, "E_BAD_REQUEST" if path else "E_BAD_AUDIO")
     try:
         remove_partials(job)
-        from engine.stemfiles import input_stat
+        from engine.inputs import input_stat
         st0 = input_stat(path)  # BadAudio: gone, a folder, a named pipe (hashing one would block)
         try:
             digest = sha256_file(path)

@@ -133,12 +133,12 @@ def _output_format(args):
 def unusable_inputs(files: list[str]) -> dict[int, Exception]:
     """{index: BadAudio} for the inputs that cannot be separated at all, found before any model is
     loaded or engine contacted: missing, a folder, not audio, empty, truncated, more than 2 channels
-    (``engine.stemfiles.open_input`` on each, header only). A folder is an error rather than searched:
+    (``engine.inputs.open_input`` on each, header only). A folder is an error rather than searched:
     ``separate`` writes OUT/MODEL/TRACK/STEM, where the files of a folder tree sharing a name
     (``*/mixture.wav``) would overwrite each other; ``unbake bounce DIR`` searches folders and keeps
     such names apart (and resumes)."""
     from engine.errors import BadAudio, UnbakeError
-    from engine.stemfiles import open_input
+    from engine.inputs import open_input
     out: dict[int, Exception] = {}
     for i, file in enumerate(files):
         path = Path(file)

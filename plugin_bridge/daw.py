@@ -32,7 +32,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from engine.errors import BadAudio, BadRequest, EngineUnavailable, UnbakeError
-from engine.stemfiles import OutputFormat, open_input
+from engine.inputs import open_input
+from engine.stemfiles import OutputFormat
 
 from .files import separate_file_via
 
