@@ -36,7 +36,7 @@ import torch
 from .models.base import Bag
 from .protocol import MAX_OVERLAP, MAX_SEGMENTS_PER_S
 
-__all__ = ["apply_model", "Streamer", "OverlapAdd", "Job", "run_jobs", "grid_for"]
+__all__ = ["apply_model", "Streamer", "OverlapAdd", "Job", "run_jobs", "grid_for", "past_context_for"]
 
 MERGE_FRAMES = 1 << 16  # input chunks up to this long are merged (OverlapAdd._append)
 MAX_SHIFT_S = 0.5  # demucs' random time shift range for test-time augmentation
@@ -106,6 +106,32 @@ def grid_for(model, segment_s: float | None = None, overlap: float | None = None
     return segment, stride
 
 
+MAX_CONTEXT_S = 60.0  # past context and lookahead a window may reach (seconds, each)
+
+
+def past_context_for(model, segment_frames: int, context_s: float | None,
+                     lookahead_s: float | None) -> dict:
+    """OverlapAdd's keyword arguments for the past-context rule: {} (the centred rule) when both
+    are None, else {"context_frames", "lookahead_frames"} at the model's rate.
+
+    Raises ValueError for a negative, non-finite or too long (> MAX_CONTEXT_S) value, or a window
+    (context + segment + lookahead) the network cannot take."""
+    if context_s is None and lookahead_s is None:
+        return {}
+    frames = {}
+    for name, value in (("context_s", context_s), ("lookahead_s", lookahead_s)):
+        value = 0.0 if value is None else value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_CONTEXT_S:
+            raise ValueError(f"{name} must be a number of seconds in [0, {MAX_CONTEXT_S:g}], got {value!r}")
+        frames[name.replace("_s", "_frames")] = int(round(value * model.sample_rate))
+    try:
+        model.valid_length(frames["context_frames"] + segment_frames + frames["lookahead_frames"])
+    except ValueError as e:
+        raise ValueError(f"{model.name}: a window of context {context_s or 0:g} s + segment "
+                         f"{segment_frames / model.sample_rate:g} s + lookahead {lookahead_s or 0:g} s: {e}") from None
+    return frames
+
+
 class Segment:
     """One segment of the grid waiting for (or back from) the network.
 
@@ -141,7 +167,8 @@ class OverlapAdd:
     def __init__(self, model, segment_frames: int, stride_frames: int, *, transition_power: float = 1.0,
                  batch_segments: int = 1, prefix_frames: int = 0,
                  autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 batch_key: tuple | None = None):
+                 batch_key: tuple | None = None, context_frames: int | None = None,
+                 lookahead_frames: int | None = None):
         self.model = model
         self.segment = segment_frames
         self.stride = stride_frames
@@ -155,14 +182,28 @@ class OverlapAdd:
         self.pad_mode = getattr(model, "pad_mode", "zeros")
         if self.pad_mode not in PAD_MODES:
             raise ValueError(f"{model.name}: pad_mode must be one of {PAD_MODES}, got {self.pad_mode!r}")
-        window = model.valid_length(segment_frames)
-        # How far before a segment its network window may reach (centred context); with "reflect",
-        # also how far back from the track's end a final window's mirrored part may reach.
+        # The past-context rule (context_frames / lookahead_frames given): every segment's window
+        # has one length and ends lookahead frames after the end of a whole segment.
+        self.past_context = context_frames is not None or lookahead_frames is not None
+        if self.past_context:
+            self.lookahead = int(lookahead_frames or 0)
+            self.window = model.valid_length(int(context_frames or 0) + segment_frames + self.lookahead)
+            window = self.window
+        else:
+            window = model.valid_length(segment_frames)
+        # How far before a segment its network window may reach (centred context, or past context);
+        # with "reflect", also how far back from the track's end a final window's mirrored part may
+        # reach (at most a segment and the lookahead).
         self.context = max(0, window - segment_frames, model.valid_length(1) - 1)
-        # A segment's window ends this far after its first frame: frames [0, k * stride) are final
-        # once input frame k * stride - stride + reach - 1 has arrived, so output lags input by at
-        # most reach - 1 frames (the runner's latency).
-        self.reach = segment_frames + (window - segment_frames) - (window - segment_frames) // 2
+        if self.past_context:
+            self.context = max(self.context, segment_frames + self.lookahead + 1)
+            # A segment's window ends this far after its first frame.
+            self.reach = segment_frames + self.lookahead
+        else:
+            # A segment's window ends this far after its first frame: frames [0, k * stride) are
+            # final once input frame k * stride - stride + reach - 1 has arrived, so output lags
+            # input by at most reach - 1 frames (the runner's latency).
+            self.reach = segment_frames + (window - segment_frames) - (window - segment_frames) // 2
         self.prefix_left = prefix_frames  # output frames still to drop
         # Input frames [inp_start, received) as the chunks pushed (float32 [channels, n] each), not
         # concatenated: a window copies from them; no growing buffer copied on every push.
@@ -207,9 +248,13 @@ class OverlapAdd:
             pads = [(start, min(0, start + length))]  # before the track: mirrored at frame 0
             if self.closed:  # past its end, now known: mirrored at the last frame
                 pads.append((max(self.received, start), start + length))
-            for a, b in pads:
+            for i, (a, b) in enumerate(pads):
                 if a < b:
-                    src = reflect_index(torch.arange(a, b), self.received)
+                    # Before the track, the mirror spans only what this window holds (a window
+                    # reaching far back may be longer than the input received so far): the same
+                    # frames whenever the window is filled, so streaming equals offline.
+                    span = min(self.received, start + length) if i == 0 else self.received
+                    src = reflect_index(torch.arange(a, b), span)
                     first, last = int(src.min()), int(src.max()) + 1
                     part = torch.empty(self.channels, last - first)
                     self._copy(first, last, part)
@@ -256,8 +301,12 @@ class OverlapAdd:
                 n = min(self.segment, self.received - offset)
             else:
                 n = self.segment
-            w = self.model.valid_length(n)
-            start = offset - (w - n) // 2
+            if self.past_context:
+                w = self.window
+                start = offset + self.reach - w
+            else:
+                w = self.model.valid_length(n)
+                start = offset - (w - n) // 2
             if not final and start + w > self.received:
                 break
             ready.append(Segment(k, offset, n, start, w))
@@ -285,7 +334,7 @@ class OverlapAdd:
         """The network's output for ``seg``: float32 [sources, channels, w]; segments in grid order."""
         if seg.k != self.done_k:
             raise RuntimeError(f"internal: segment {seg.k} came back before segment {self.done_k}")
-        trim = (seg.w - seg.n) // 2
+        trim = seg.offset - seg.start
         self._accumulate(seg.offset, out[..., trim:trim + seg.n])
         self.done_k += 1
         # Input before the next segment's window is no longer needed.
@@ -393,12 +442,18 @@ class Streamer:
     shallow copy of each member that shares its weights (``member.with_options``); ValueError
     for a model that takes none, or bad values. They act within each segment's window, so
     streaming still equals offline.
+    context_s, lookahead_s: the past-context rule (either given): each segment's network window
+    reaches ``context_s`` seconds back over input already received (no latency) and
+    ``lookahead_s`` past the segment's end (latency: segment + lookahead); None for both: the
+    centred rule. Short segments (a plugin's ~1 s) then see the context a long one would.
+    ValueError beyond ``MAX_CONTEXT_S`` or a window the network cannot take.
     """
 
     def __init__(self, model, *, segment_s: float | None = None, overlap: float | None = None,
                  shifts: int = 0, seed: int = 0, batch_segments: int = 1,
                  transition_power: float = 1.0, dtype: torch.dtype | None = None,
-                 model_options: dict | None = None):
+                 model_options: dict | None = None, context_s: float | None = None,
+                 lookahead_s: float | None = None):
         if transition_power < 1:
             raise ValueError("transition_power must be >= 1")
         if shifts < 0:
@@ -429,6 +484,7 @@ class Streamer:
                 member = member.with_options(**model_options)
                 model_key = tuple((k, getattr(member, k)) for k in sorted(model_options))
             seg, stride = grid_for(member, member_segment, overlap)
+            reach = past_context_for(member, seg, context_s, lookahead_s)
             # Sessions that use the same network on the same grid (and options) may share forward passes.
             key = (id(original), seg, str(dtype)) + model_key
             prefixes = [0] if shifts == 0 else [
@@ -438,7 +494,8 @@ class Streamer:
             for prefix in prefixes:
                 runner = OverlapAdd(member, seg, stride, transition_power=transition_power,
                                     batch_segments=batch_segments, prefix_frames=prefix,
-                                    autocast=_autocast_factory(member, dtype), batch_key=key)
+                                    autocast=_autocast_factory(member, dtype), batch_key=key,
+                                    **reach)
                 self.parts.append((runner, scale))
         # Output of each part not yet combined (parts finalize at different points).
         self.pending = [torch.zeros(len(self.sources), self.audio_channels, 0) for _ in self.parts]
@@ -497,7 +554,8 @@ def _max_segment_s(model) -> float:
 def apply_model(model, mix: torch.Tensor, *, segment_s: float | None = None, overlap: float | None = None,
                 shifts: int = 0, seed: int = 0, batch_segments: int = 1, transition_power: float = 1.0,
                 dtype: torch.dtype | None = None, chunk_frames: int | None = None,
-                progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                progress: Callable[[int], None] | None = None, context_s: float | None = None,
+                lookahead_s: float | None = None) -> torch.Tensor:
     """Separate a whole track held in memory.
 
     mix: float32 [channels, frames] at ``model.sample_rate`` with ``model.audio_channels`` channels.
@@ -507,7 +565,8 @@ def apply_model(model, mix: torch.Tensor, *, segment_s: float | None = None, ove
     """
     assert mix.dim() == 2 and mix.shape[0] == model.audio_channels, mix.shape
     streamer = Streamer(model, segment_s=segment_s, overlap=overlap, shifts=shifts, seed=seed,
-                        batch_segments=batch_segments, transition_power=transition_power, dtype=dtype)
+                        batch_segments=batch_segments, transition_power=transition_power, dtype=dtype,
+                        context_s=context_s, lookahead_s=lookahead_s)
     step = chunk_frames or max(1, mix.shape[1])
     outs = []
     for start in range(0, mix.shape[1], step):

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from engine.apply import Streamer, apply_model, grid_for, triangle_weight
 from engine.models.base import Bag
 from tests.engine.toy_models import (ConvSeparator, FixedWindowSeparator, ReflectConvSeparator,
-                                     ReflectFixedWindowSeparator)
+                                     ReflectFixedWindowSeparator, WindowMeanSeparator)
 
 
 class Identity(torch.nn.Module):
@@ -225,3 +225,77 @@ def test_queued_segments_hold_no_audio_and_input_is_kept_until_they_run():
     out = torch.cat([runner.ready()], dim=-1)
     expected = apply_model(model, mix, overlap=0.25)
     assert out.shape == expected.shape and float((out - expected).abs().max()) <= 1e-6
+
+
+def reference_past_context(model, mix, segment, overlap, context, lookahead):
+    """Transcription of the past-context rule: each segment's window of W = valid_length(context +
+    segment + lookahead) frames ends ``lookahead`` after the end of a whole segment; zeros outside."""
+    c, length = mix.shape
+    stride = int((1 - overlap) * segment)
+    w = model.valid_length(context + segment + lookahead)
+    out, sw = torch.zeros(len(model.sources), c, length), torch.zeros(length)
+    weight = triangle_weight(segment)
+    padded = torch.cat([torch.zeros(c, w), mix, torch.zeros(c, w)], dim=1)
+    for offset in range(0, length, stride):
+        n = min(segment, length - offset)
+        start = offset + segment + lookahead - w
+        with torch.no_grad():
+            y = model(padded[None, :, w + start:w + start + w])[0]
+        out[..., offset:offset + n] += weight[:n] * y[..., offset - start:offset - start + n]
+        sw[offset:offset + n] += weight[:n]
+    return out / sw
+
+
+@pytest.mark.parametrize("length", [1, 300, 999, 1000, 2500, 6000])
+def test_past_context_windows_reach_back_and_equal_the_rule(length):
+    model = ConvSeparator(1000, pad=300)  # a receptive field of 601 frames: context changes the output
+    mix = torch.randn(2, length, generator=torch.Generator().manual_seed(length))
+    out = apply_model(model, mix, overlap=0.25, context_s=2000 / 8000, lookahead_s=100 / 8000)
+    ref = reference_past_context(model, mix, 1000, 0.25, 2000, 100)
+    assert torch.max(torch.abs(out - ref)).item() < 1e-6
+    if length > 1000:  # the centred rule's windows see other frames
+        assert torch.max(torch.abs(out - apply_model(model, mix, overlap=0.25))).item() > 1e-3
+
+
+@settings(max_examples=40, deadline=None)
+@given(length=st.integers(1, 6000), cuts=st.lists(st.integers(1, 2500), min_size=1, max_size=12),
+       context=st.integers(0, 5000), lookahead=st.integers(0, 400), reflect=st.booleans())
+def test_past_context_stream_equals_offline_for_any_chunking(length, cuts, context, lookahead, reflect):
+    """Windows that reach far back (longer than the input received so far, mirrored or zero past
+    the track's start) still give streamed == offline, for tracks shorter than a segment too."""
+    # every output frame depends on the whole window, the mirrored part far back included
+    model = WindowMeanSeparator(800, "reflect" if reflect else "zeros")
+    opts = {"context_s": context / 8000, "lookahead_s": lookahead / 8000}
+    mix = torch.randn(2, length, generator=torch.Generator().manual_seed(length))
+    offline = apply_model(model, mix, **opts)
+    s = Streamer(model, **opts)
+    outs, pos, i = [], 0, 0
+    while pos < length:
+        outs.append(s.push(mix[:, pos:pos + cuts[i % len(cuts)]]))
+        pos += cuts[i % len(cuts)]
+        i += 1
+    outs.append(s.close())
+    assert torch.max(torch.abs(torch.cat(outs, dim=-1) - offline)).item() < 1e-5
+
+
+def test_past_context_latency_is_segment_plus_lookahead_exactly():
+    from engine.apply import OverlapAdd
+    model = ConvSeparator(800, pad=30)
+    runner = OverlapAdd(model, 800, 600, context_frames=3000, lookahead_frames=160)
+    assert runner.latency_frames == 800 + 160 - 1
+    mix = torch.randn(2, 5000)
+    assert runner.push(mix[:, :959]).shape[-1] == 0  # nothing final after latency frames
+    assert runner.push(mix[:, 959:960]).shape[-1] == 600  # one more: the first stride
+
+
+@pytest.mark.parametrize("opts, match", [
+    ({"context_s": -1.0}, "context_s must be"), ({"lookahead_s": float("nan")}, "lookahead_s must be"),
+    ({"context_s": 61.0}, r"\[0, 60\]"), ({"context_s": True}, "context_s must be")])
+def test_past_context_values_are_checked(opts, match):
+    with pytest.raises(ValueError, match=match):
+        apply_model(ConvSeparator(800), torch.zeros(2, 10), **opts)
+
+
+def test_past_context_window_the_network_cannot_take_is_refused():
+    with pytest.raises(ValueError, match="a window of context 0.5 s"):
+        apply_model(FixedWindowSeparator(1000), torch.zeros(2, 10), context_s=0.5)

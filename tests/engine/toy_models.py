@@ -54,3 +54,26 @@ class ReflectFixedWindowSeparator(FixedWindowSeparator):
     """FixedWindowSeparator (a short track sits centred in one long window), mirrored padding."""
     name = "toy-fixed-reflect"
     pad_mode = "reflect"
+
+
+class WindowMeanSeparator(nn.Module):
+    """Every output frame depends on the whole window (like a U-Net's bottleneck): sources are the
+    input plus / minus the window's mean per channel. forward: [b, c, t] -> [b, 2, c, t]."""
+    name = "toy-window-mean"
+    sources = ["plus", "minus"]
+    sample_rate = 8000
+    audio_channels = 2
+    default_overlap = 0.25
+    max_segment_frames = None
+
+    def __init__(self, segment_frames=800, pad_mode="zeros"):
+        super().__init__()
+        self.segment_frames = segment_frames
+        self.pad_mode = pad_mode
+
+    def valid_length(self, frames):
+        return frames
+
+    def forward(self, mix):
+        mean = mix.mean(dim=-1, keepdim=True)
+        return torch.stack([mix + mean, mix - mean], dim=1)
