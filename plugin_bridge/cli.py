@@ -399,8 +399,8 @@ def _separate_via_daemon(args, unusable: dict[int, Exception] | None = None) -> 
 
 
 def cmd_serve(args) -> int:
-    from engine import daemon
-    return daemon.run(args)
+    from engine import serve_cli
+    return serve_cli.run(args)
 
 
 def _format_duration(secs: float) -> str:
@@ -715,12 +715,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the unbake engine daemon: it keeps models warm and serves "
                                    "`unbake separate`, the Python client and plugins over ZeroMQ.")
     try:
-        from engine import daemon  # torch-free at import time: the engine's torch side loads in daemon.run
+        from engine import serve_cli  # torch-free at import time: the engine's torch side loads in serve_cli.run
     except ImportError as e:  # a broken install must not take the other subcommands down with it
         p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         p.set_defaults(func=lambda args, e=e: _err(f"the engine daemon cannot be imported ({e})") or EXIT_FAILED)
     else:
-        daemon.add_arguments(p)
+        serve_cli.add_arguments(p)
         p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", help="ask a running engine daemon how it is doing")
