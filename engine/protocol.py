@@ -101,8 +101,8 @@ MAX_SHIFTS = 20
 # model's own segment length when the session's options leave it out).
 MAX_OVERLAP = 0.95
 MAX_SEGMENTS_PER_S = 50
-# Flow control (engine.daemon). A session's idle clock: ``ready`` gives it ``session_ttl_s``; each
-# second of audio pushed gives it SESSION_TTL_S_PER_AUDIO_S seconds more (never more than
+# Flow control (engine.daemon, engine.clients). A session's idle clock: ``ready`` gives it
+# ``session_ttl_s``; each second of audio pushed gives it SESSION_TTL_S_PER_AUDIO_S seconds more (never more than
 # ``session_ttl_s`` from now), and time its requests spend queued or running does not count. Pushes
 # of almost nothing (1 frame every minute) no longer keep a session forever; a stream at 1/10 of
 # real time or faster never expires while it streams.

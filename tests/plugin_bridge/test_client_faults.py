@@ -51,7 +51,7 @@ def test_killed_client_session_is_freed_within_ttl(tmp_path, spleeter_repo):
                 time.sleep(0.1)
             status = engine.status()
             assert status["queue_depth"] == 0 and status["models"][0]["sessions"] == 0
-            # freed when its process ended (the disconnect event, engine.daemon._probe), else by the TTL
+            # freed when its process ended (the disconnect event, engine.clients.Clients.probe), else by the TTL
             assert "left (process" in engine.log_text() or "idle for 2 s" in engine.log_text()
         finally:
             child.kill()
