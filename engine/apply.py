@@ -34,7 +34,7 @@ from typing import Callable, Iterable
 import torch
 
 from .models.base import Bag
-from .protocol import MAX_OVERLAP, MAX_SEGMENTS_PER_S
+from .protocol import MAX_CONTEXT_S, MAX_OVERLAP, MAX_SEGMENTS_PER_S
 
 __all__ = ["apply_model", "Streamer", "OverlapAdd", "Job", "run_jobs", "grid_for", "past_context_for"]
 
@@ -106,16 +106,18 @@ def grid_for(model, segment_s: float | None = None, overlap: float | None = None
     return segment, stride
 
 
-MAX_CONTEXT_S = 60.0  # past context and lookahead a window may reach (seconds, each)
+MAX_WINDOW_PER_STRIDE = 20  # network input per second of audio, at most (as overlap 0.95 costs)
 
 
 def past_context_for(model, segment_frames: int, context_s: float | None,
-                     lookahead_s: float | None) -> dict:
+                     lookahead_s: float | None, stride_frames: int | None = None) -> dict:
     """OverlapAdd's keyword arguments for the past-context rule: {} (the centred rule) when both
     are None, else {"context_frames", "lookahead_frames"} at the model's rate.
 
-    Raises ValueError for a negative, non-finite or too long (> MAX_CONTEXT_S) value, or a window
-    (context + segment + lookahead) the network cannot take."""
+    Raises ValueError for a negative, non-finite or too long (> MAX_CONTEXT_S) value, a window
+    (context + segment + lookahead) the network cannot take, or one more than
+    MAX_WINDOW_PER_STRIDE times the grid's stride (each second of audio through the network more
+    than 20 times)."""
     if context_s is None and lookahead_s is None:
         return {}
     frames = {}
@@ -125,10 +127,14 @@ def past_context_for(model, segment_frames: int, context_s: float | None,
             raise ValueError(f"{name} must be a number of seconds in [0, {MAX_CONTEXT_S:g}], got {value!r}")
         frames[name.replace("_s", "_frames")] = int(round(value * model.sample_rate))
     try:
-        model.valid_length(frames["context_frames"] + segment_frames + frames["lookahead_frames"])
+        window = model.valid_length(frames["context_frames"] + segment_frames + frames["lookahead_frames"])
     except ValueError as e:
         raise ValueError(f"{model.name}: a window of context {context_s or 0:g} s + segment "
                          f"{segment_frames / model.sample_rate:g} s + lookahead {lookahead_s or 0:g} s: {e}") from None
+    if stride_frames is not None and window > MAX_WINDOW_PER_STRIDE * stride_frames:
+        raise ValueError(f"a window of {window / model.sample_rate:g} s every {stride_frames / model.sample_rate:g} s "
+                         f"puts each second of audio through the network {window / stride_frames:.0f} times, "
+                         f"the limit is {MAX_WINDOW_PER_STRIDE}; use less context or a longer segment")
     return frames
 
 
@@ -484,7 +490,7 @@ class Streamer:
                 member = member.with_options(**model_options)
                 model_key = tuple((k, getattr(member, k)) for k in sorted(model_options))
             seg, stride = grid_for(member, member_segment, overlap)
-            reach = past_context_for(member, seg, context_s, lookahead_s)
+            reach = past_context_for(member, seg, context_s, lookahead_s, stride)
             # Sessions that use the same network on the same grid (and options) may share forward passes.
             key = (id(original), seg, str(dtype)) + model_key
             prefixes = [0] if shifts == 0 else [

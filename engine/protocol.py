@@ -86,6 +86,7 @@ TERMINAL = frozenset({K_HELLO, K_STATUS, K_MODELS, K_READY, K_DONE, K_ERROR})
 OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "segment_s": (int, float), "overlap": (int, float), "shifts": (int,), "seed": (int,),
     "two_stems": (str,), "transition_power": (int, float),
+    "context_s": (int, float), "lookahead_s": (int, float),  # engine.apply's past-context rule
     "residual": (bool, str),  # engine.ensemble.ResidualTrack: true, or the stem that takes it
     # the model's own options (engine.sessions.MODEL_OPTIONS; spleeter-2stems only)
     "full_band": (bool,), "mask_exponent": (int, float), "wiener_iterations": (int,), "tta": (list, tuple),
@@ -94,6 +95,7 @@ MAX_WIENER_ITERATIONS = 10
 MASK_EXPONENT_RANGE = (0.5, 8.0)
 TTA_CHOICES = ("swap", "polarity")
 MAX_SHIFTS = 20
+MAX_CONTEXT_S = 60.0  # context_s / lookahead_s (engine.apply.past_context_for also bounds their cost)
 # The segment grid's cost (engine.apply.grid_for): each segment is one window through the network,
 # so a stride of one frame (overlap 0.999999) made 1 s of audio take 2,907 s. Overlap is at most
 # MAX_OVERLAP (each frame computed at most 1 / (1 - 0.95) = 20 times) and the grid's stride at
@@ -369,6 +371,9 @@ def check_options(options: dict, where: str) -> dict:
         raise BadRequest(f"{where}: segment_s {out['segment_s']:g} with overlap {out['overlap']:g} makes "
                          f"more than {MAX_SEGMENTS_PER_S} segments per second of audio (the limit); "
                          f"use a longer segment or less overlap")
+    for key in ("context_s", "lookahead_s"):
+        if key in out and not 0 <= out[key] <= MAX_CONTEXT_S:
+            raise BadRequest(f"{where}: {key} must be in [0, {MAX_CONTEXT_S:g}] seconds")
     if "shifts" in out and not 0 <= out["shifts"] <= MAX_SHIFTS:
         raise BadRequest(f"{where}: shifts must be in [0, {MAX_SHIFTS}]")
     if "seed" in out and not 0 <= out["seed"] <= MAX_ID:

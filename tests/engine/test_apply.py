@@ -299,3 +299,10 @@ def test_past_context_values_are_checked(opts, match):
 def test_past_context_window_the_network_cannot_take_is_refused():
     with pytest.raises(ValueError, match="a window of context 0.5 s"):
         apply_model(FixedWindowSeparator(1000), torch.zeros(2, 10), context_s=0.5)
+
+
+def test_past_context_cost_per_second_of_audio_is_bounded():
+    # 60 s of context every 0.75 s would put each second of audio through the network 80 times
+    with pytest.raises(ValueError, match="the limit is 20"):
+        apply_model(ConvSeparator(8000), torch.zeros(2, 10), context_s=60.0)
+    apply_model(ConvSeparator(8000), torch.zeros(2, 10), context_s=4.0, lookahead_s=0.5)  # 7x: fine
