@@ -325,6 +325,12 @@ EngineClient::SessionInfo EngineClient::open (const std::string& endpoint, const
         I.socket.reset();
 
         I.endpoint = endpoint;
+        // an ipc socket file that is not there: no engine, no need to wait for one
+        if (endpoint.rfind ("ipc:///", 0) == 0 && ! juce::File (juce::String (endpoint.substr (6))).exists())
+        {
+            info.error = "no engine at " + endpoint + " (start one with `unbake serve`); output is silence";
+            return;
+        }
         I.socket = std::make_unique<zmq::socket_t> (I.ctx, zmq::socket_type::dealer);
         I.socket->set (zmq::sockopt::linger, 0);
         I.socket->set (zmq::sockopt::immediate, 1); // no queueing for an engine that is not there

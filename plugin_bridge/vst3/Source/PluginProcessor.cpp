@@ -29,7 +29,19 @@ UnbakeProcessor::~UnbakeProcessor() = default;
 bool UnbakeProcessor::isBusesLayoutSupported (const BusesLayout& layouts) const
 {
     const auto in = layouts.getMainInputChannelSet(), out = layouts.getMainOutputChannelSet();
-    return in == out && (in == juce::AudioChannelSet::mono() || in == juce::AudioChannelSet::stereo());
+    const bool ok = in == out && (in == juce::AudioChannelSet::mono() || in == juce::AudioChannelSet::stereo());
+    // The latency at a new rate, before the host reads it. A JUCE VST3 host (pedalboard) prepares a
+    // plugin as: setupProcessing (the plugin learns the new rate: getSampleRate()), setBusArrangements
+    // (JUCE's wrapper asks this function), the host reads getLatencySamples, setActive (our
+    // prepareToPlay). A latency set in prepareToPlay reaches such a host only through an asynchronous
+    // restartComponent, after its first render at that rate. So when the rate has changed since the
+    // session was opened, the session is reopened here, while the plugin is inactive (between
+    // releaseResources and prepareToPlay: no processBlock runs), with the same channels;
+    // prepareToPlay reopens again only if the channels or the model differ (same latency).
+    const double rate = getSampleRate();
+    if (ok && ! active.load() && rate > 0 && sessionRate > 0 && rate != sessionRate)
+        const_cast<UnbakeProcessor*> (this)->openSession (rate, sessionChannels);
+    return ok;
 }
 
 std::string UnbakeProcessor::endpoint() const
@@ -40,8 +52,14 @@ std::string UnbakeProcessor::endpoint() const
 
 void UnbakeProcessor::openSession (double sampleRate, int channels)
 {
+    // after a failed open, do not try the same again within kRetryS (a host prepares a plugin
+    // several times in a row: each would wait for an engine that is not there)
+    const double now = nowMs();
     const int model = juce::jlimit (0, modelChoices().size() - 1, (int) modelParam->load());
     const auto ep = endpoint();
+    if (! sessionOk && lastFailMs > 0 && now - lastFailMs < kRetryS * 1000.0 && sampleRate == sessionRate
+        && channels == sessionChannels && model == sessionModel && ep == sessionEndpoint)
+        return;
     const auto info = engine.open (ep, modelChoices()[model].toStdString(), (int) std::lround (sampleRate), channels,
                                    kOpenTimeoutMs);
     sessionRate = sampleRate;
@@ -52,6 +70,8 @@ void UnbakeProcessor::openSession (double sampleRate, int channels)
     preRollLeft = 0;
     debt = 0;
     sessionOk = info.ok;
+    needsNewSession = false;
+    lastFailMs = info.ok ? 0.0 : nowMs();
     numStems = info.ok ? (int) info.stems.size() : 0;
     hasAccompanimentStem = false;
     for (int s = 0; s < numStems; ++s)
@@ -67,23 +87,30 @@ void UnbakeProcessor::openSession (double sampleRate, int channels)
     setLatencySamples (latency);
 }
 
+void UnbakeProcessor::releaseResources()
+{
+    active = false; // the stream goes on (see prepareToPlay)
+}
+
 void UnbakeProcessor::prepareToPlay (double sampleRate, int)
 {
+    active = true;
     // pedalboard calls prepareToPlay again mid-stream when the block size changes: the stream goes on
     // unless the rate, the channels, the model or the endpoint changed (or the last session failed)
     const int channels = getTotalNumInputChannels();
     const int model = juce::jlimit (0, modelChoices().size() - 1, (int) modelParam->load());
-    if (! sessionOk || engine.failed() || sampleRate != sessionRate || channels != sessionChannels
+    if (needsNewSession || ! sessionOk || engine.failed() || sampleRate != sessionRate || channels != sessionChannels
         || model != sessionModel || endpoint() != sessionEndpoint)
         openSession (sampleRate, channels);
 }
 
 void UnbakeProcessor::reset()
 {
-    // a new stream: a new session, unless this one has not had a frame yet
-    const juce::ScopedLock sl (getCallbackLock());
-    if (sessionRate > 0 && (framesPushed > 0 || ! sessionOk || engine.failed()))
-        openSession (sessionRate, sessionChannels);
+    // a new stream: a new session (unless this one has not had a frame yet), opened by the next
+    // prepareToPlay, or by the next offline block; a host may call reset() from the audio thread,
+    // so nothing here waits for the engine
+    if (framesPushed > 0)
+        needsNewSession = true;
 }
 
 void UnbakeProcessor::computeGains (float* gains) const noexcept
@@ -110,7 +137,9 @@ void UnbakeProcessor::processBlock (juce::AudioBuffer<float>& buffer, juce::Midi
     juce::ScopedNoDenormals noDenormals;
     for (int c = getTotalNumInputChannels(); c < getTotalNumOutputChannels(); ++c)
         buffer.clear (c, 0, buffer.getNumSamples());
-    if (! sessionOk || engine.failed() || buffer.getNumChannels() < sessionChannels)
+    if (needsNewSession && isNonRealtime() && sessionRate > 0)
+        openSession (sessionRate, sessionChannels); // offline: waiting (bounded) is allowed
+    if (needsNewSession || ! sessionOk || engine.failed() || buffer.getNumChannels() < sessionChannels)
     {
         buffer.clear();
         return;

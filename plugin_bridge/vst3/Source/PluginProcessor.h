@@ -16,12 +16,13 @@ public:
     // an offline (non-real-time) block waits at most this long for its stems
     static constexpr double kOfflineWaitS = 30.0;
     static constexpr int kOpenTimeoutMs = 60000;
+    static constexpr double kRetryS = 2.0;  // after a failed open, the same open is not retried sooner
 
     UnbakeProcessor();
     ~UnbakeProcessor() override;
 
     void prepareToPlay (double sampleRate, int samplesPerBlock) override;
-    void releaseResources() override {}
+    void releaseResources() override;
     void reset() override;
     bool isBusesLayoutSupported (const BusesLayout& layouts) const override;
     void processBlock (juce::AudioBuffer<float>&, juce::MidiBuffer&) override;
@@ -70,6 +71,8 @@ private:
     std::string sessionEndpoint;
     std::array<int, EngineClient::kMaxStems> stemParamIndex {};
     int64_t framesPushed = 0;
+    double lastFailMs = 0;
+    std::atomic<bool> needsNewSession { false }, active { false };
 
     // stream position (audio thread)
     int64_t preRollLeft = 0;   // output frames of silence before stem frame 0 (the reported latency)
