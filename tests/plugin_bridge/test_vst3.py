@@ -249,3 +249,75 @@ def test_inside_a_pedalboard_chain(plugin, engine_endpoint):
     want = Reverb(room_size=0.3)(vocals, sr)
     assert out.shape == want.shape
     assert float(np.abs(out - want).max()) <= 1e-5
+
+
+def _start_engine(endpoint: str, repo, log: Path) -> subprocess.Popen:
+    from plugin_bridge.client import Client
+    env = dict(os.environ, UNBAKE_REPO=str(repo), UNBAKE_ENDPOINT=endpoint)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen([sys.executable, "-m", "engine.daemon", "--endpoint", endpoint, "--idle-exit-s", "300"],
+                            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=open(log, "ab"))
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with Client(endpoint, autostart=False, timeout_s=2, retries=0) as client:
+                client.hello()
+            return proc
+        except Exception:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+
+
+def test_engine_killed_mid_render_then_back(plugin_path, spleeter_repo, tmp_path):
+    """The engine killed (SIGKILL) while the plugin renders: the call returns within its bound, no crash,
+    silence from where the stems stopped; the log says why. With an engine back at the endpoint, the
+    next render is the stem again."""
+    endpoint = f"ipc://{tmp_path}/engine.sock"
+    log = tmp_path / "engine.log"
+    script = textwrap.dedent(f"""
+        import sys, time, numpy as np, pedalboard
+        p = pedalboard.load_plugin({str(plugin_path)!r})
+        p.accompaniment_mute = True
+        x = (0.1 * np.random.default_rng(0).standard_normal((2, 44100 * 60))).astype(np.float32)
+        print("LOADED", flush=True)
+        t = time.monotonic(); y = p(x, 44100); t = time.monotonic() - t
+        nz = np.flatnonzero(np.abs(y).max(0) > 0)
+        print("FIRST", t, y.shape, int(nz[-1]) + 1 if nz.size else 0, flush=True)
+        sys.stdin.readline()
+        t = time.monotonic(); y = p(x[:, :44100 * 3], 44100); t = time.monotonic() - t
+        print("SECOND", t, y.shape, float(np.abs(y).max()), flush=True)
+    """)
+    engine = _start_engine(endpoint, spleeter_repo, log)
+    env = dict(os.environ, UNBAKE_ENDPOINT=endpoint, DISPLAY=os.environ.get("DISPLAY") or ":4093")
+    child = subprocess.Popen([sys.executable, "-c", script], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().startswith("LOADED")
+        time.sleep(1.5)
+        engine.kill()
+        engine.wait()
+        first = child.stdout.readline().split()
+        assert first and first[0] == "FIRST", child.stderr.read()[-3000:] if child.poll() is not None else first
+        took, rendered = float(first[1]), int(first[-1])
+        print(f"killed mid-render: the call returned in {took:.1f} s, stems for {rendered} of 2646000 frames, "
+              f"then silence")
+        assert took < 40  # one block's bound (30 s) at most, not one per block
+        assert rendered < 44100 * 60
+        engine = _start_engine(endpoint, spleeter_repo, log)
+        time.sleep(2.1)  # the plugin does not retry a failed open within 2 s
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        second = child.stdout.readline().split()
+        assert second and second[0] == "SECOND", second
+        print(f"engine back: the next render took {float(second[1]):.1f} s, peak {float(second[-1]):.3g}")
+        assert float(second[-1]) > 0  # processing resumed
+        child.stdin.close()
+        assert child.wait(timeout=60) == 0
+        assert "went away" in child.stderr.read()  # the log says why
+    finally:
+        if child.poll() is None:
+            child.kill()
+        if engine.poll() is None:
+            engine.terminate()
+            engine.wait(timeout=15)

@@ -59,6 +59,53 @@ struct EngineClient::Impl
 {
     zmq::context_t ctx { 1 };
     std::unique_ptr<zmq::socket_t> socket;
+    std::unique_ptr<zmq::socket_t> monitor; // ZMQ_EVENT_DISCONNECTED of `socket`: the engine went away
+    int monitors = 0;
+
+    void closeSocket()
+    {
+        if (socket != nullptr && monitor != nullptr)
+            zmq_socket_monitor (socket->handle(), nullptr, 0);
+        monitor.reset();
+        socket.reset();
+    }
+
+    void openSocket (const std::string& ep)
+    {
+        closeSocket();
+        socket = std::make_unique<zmq::socket_t> (ctx, zmq::socket_type::dealer);
+        socket->set (zmq::sockopt::linger, 0);
+        socket->set (zmq::sockopt::immediate, 1); // no queueing for an engine that is not there
+        socket->set (zmq::sockopt::reconnect_ivl, 100);
+        const auto addr = "inproc://unbake-monitor-" + std::to_string (reinterpret_cast<uintptr_t> (this)) + "-"
+                          + std::to_string (++monitors);
+        if (zmq_socket_monitor (socket->handle(), addr.c_str(), ZMQ_EVENT_DISCONNECTED) == 0)
+        {
+            monitor = std::make_unique<zmq::socket_t> (ctx, zmq::socket_type::pair);
+            monitor->set (zmq::sockopt::linger, 0);
+            monitor->connect (addr);
+        }
+        socket->connect (ep);
+    }
+
+    // true when the monitor reported a disconnect since the last call
+    bool disconnected()
+    {
+        bool any = false;
+        while (monitor != nullptr)
+        {
+            std::vector<zmq::message_t> event;
+            if (! zmq::recv_multipart (*monitor, std::back_inserter (event), zmq::recv_flags::dontwait))
+                break;
+            if (! event.empty() && event[0].size() >= 2)
+            {
+                uint16_t id;
+                std::memcpy (&id, event[0].data(), 2);
+                any |= (id & ZMQ_EVENT_DISCONNECTED) != 0;
+            }
+        }
+        return any;
+    }
     std::string endpoint;
     int64_t nextId = 1;
 
@@ -84,6 +131,7 @@ EngineClient::EngineClient() : impl (std::make_unique<Impl>())
 EngineClient::~EngineClient()
 {
     cancel();
+    runCommand ([this] { impl->closeSocket(); });
     quit = true;
     worker.join();
 }
@@ -148,6 +196,8 @@ void EngineClient::run()
             pump();
             receiveAll (1);
             flushPending();
+            if (impl->disconnected())
+                fail ("the engine at " + impl->endpoint + " went away mid-stream; output is silence");
             if (! impl->inFlight.empty() && secondsSince (impl->lastAlive) > kStallTimeoutS)
                 fail ("the engine stopped answering at " + impl->endpoint + " (no reply for "
                       + std::to_string ((int) kStallTimeoutS) + " s); output is silence");
@@ -322,7 +372,7 @@ EngineClient::SessionInfo EngineClient::open (const std::string& endpoint, const
         inFifo.reset();
         outFifo.reset();
         failedFlag = false;
-        I.socket.reset();
+        I.closeSocket();
 
         I.endpoint = endpoint;
         // an ipc socket file that is not there: no engine, no need to wait for one
@@ -331,13 +381,10 @@ EngineClient::SessionInfo EngineClient::open (const std::string& endpoint, const
             info.error = "no engine at " + endpoint + " (start one with `unbake serve`); output is silence";
             return;
         }
-        I.socket = std::make_unique<zmq::socket_t> (I.ctx, zmq::socket_type::dealer);
-        I.socket->set (zmq::sockopt::linger, 0);
-        I.socket->set (zmq::sockopt::immediate, 1); // no queueing for an engine that is not there
-        I.socket->set (zmq::sockopt::reconnect_ivl, 100);
-        try { I.socket->connect (endpoint); }
+        try { I.openSocket (endpoint); }
         catch (const zmq::error_t& e)
         {
+            I.closeSocket();
             info.error = "bad endpoint " + endpoint + ": " + e.what();
             return;
         }
@@ -419,6 +466,7 @@ EngineClient::SessionInfo EngineClient::open (const std::string& endpoint, const
         info.channels = channels;
         info.stems = ready.stems;
         sessionOpen = true;
+        (void) I.disconnected(); // events of the probe's own connection attempts
     });
     if (info.ok)
     {
