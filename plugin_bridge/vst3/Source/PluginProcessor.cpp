@@ -22,9 +22,44 @@ UnbakeProcessor::UnbakeProcessor()
         gainParam[(size_t) s] = params.getRawParameterValue (gainId (s));
         muteParam[(size_t) s] = params.getRawParameterValue (muteId (s));
     }
+    sessionThread = std::thread ([this] { sessionLoop(); });
 }
 
-UnbakeProcessor::~UnbakeProcessor() = default;
+UnbakeProcessor::~UnbakeProcessor()
+{
+    quitSessionThread = true;
+    if (sessionThread.joinable())
+        sessionThread.join();
+}
+
+// A new session after reset() in real time (the audio thread never waits for one), and a new try
+// every kRetryS while there is no engine or the last one went away (it reconnects when the engine
+// is back). Processing is suspended (the host's wrapper outputs silence) while the session changes.
+void UnbakeProcessor::sessionLoop()
+{
+    while (! quitSessionThread)
+    {
+        std::this_thread::sleep_for (std::chrono::milliseconds (20));
+        auto wanted = [this] {
+            const bool retry = active && (! sessionOk || engine.failed()) && nowMs() - lastFailMs >= kRetryS * 1000.0;
+            return sessionRate > 0 && (needsNewSession || retry);
+        };
+        {
+            const std::lock_guard<std::mutex> lk (sessionMutex);
+            if (! wanted())
+                continue;
+        }
+        // never hold sessionMutex while taking the callback lock (an offline block holds the callback
+        // lock and may take sessionMutex)
+        suspendProcessing (true);
+        {
+            const std::lock_guard<std::mutex> lk (sessionMutex);
+            if (wanted())
+                openSession (sessionRate, sessionChannels);
+        }
+        suspendProcessing (false);
+    }
+}
 
 bool UnbakeProcessor::isBusesLayoutSupported (const BusesLayout& layouts) const
 {
@@ -40,7 +75,11 @@ bool UnbakeProcessor::isBusesLayoutSupported (const BusesLayout& layouts) const
     // prepareToPlay reopens again only if the channels or the model differ (same latency).
     const double rate = getSampleRate();
     if (ok && ! active.load() && rate > 0 && sessionRate > 0 && rate != sessionRate)
-        const_cast<UnbakeProcessor*> (this)->openSession (rate, sessionChannels);
+    {
+        auto* self = const_cast<UnbakeProcessor*> (this);
+        const std::lock_guard<std::mutex> lk (self->sessionMutex);
+        self->openSession (rate, sessionChannels);
+    }
     return ok;
 }
 
@@ -70,8 +109,7 @@ void UnbakeProcessor::openSession (double sampleRate, int channels)
     preRollLeft = 0;
     debt = 0;
     sessionOk = info.ok;
-    needsNewSession = false;
-    lastFailMs = info.ok ? 0.0 : nowMs();
+    lastFailMs = nowMs(); // also the time of the last good open: a failure right after waits kRetryS
     numStems = info.ok ? (int) info.stems.size() : 0;
     hasAccompanimentStem = false;
     for (int s = 0; s < numStems; ++s)
@@ -85,6 +123,7 @@ void UnbakeProcessor::openSession (double sampleRate, int channels)
     const int latency = info.ok ? info.latencySamples + own : 0;
     preRollLeft = latency;
     setLatencySamples (latency);
+    needsNewSession = false; // last: the audio thread reads the session's fields after this flag
 }
 
 void UnbakeProcessor::releaseResources()
@@ -101,7 +140,10 @@ void UnbakeProcessor::prepareToPlay (double sampleRate, int)
     const int model = juce::jlimit (0, modelChoices().size() - 1, (int) modelParam->load());
     if (needsNewSession || ! sessionOk || engine.failed() || sampleRate != sessionRate || channels != sessionChannels
         || model != sessionModel || endpoint() != sessionEndpoint)
+    {
+        const std::lock_guard<std::mutex> lk (sessionMutex);
         openSession (sampleRate, channels);
+    }
 }
 
 void UnbakeProcessor::reset()
@@ -138,7 +180,11 @@ void UnbakeProcessor::processBlock (juce::AudioBuffer<float>& buffer, juce::Midi
     for (int c = getTotalNumInputChannels(); c < getTotalNumOutputChannels(); ++c)
         buffer.clear (c, 0, buffer.getNumSamples());
     if (needsNewSession && isNonRealtime() && sessionRate > 0)
-        openSession (sessionRate, sessionChannels); // offline: waiting (bounded) is allowed
+    {
+        const std::lock_guard<std::mutex> lk (sessionMutex); // offline: waiting (bounded) is allowed
+        if (needsNewSession)
+            openSession (sessionRate, sessionChannels);
+    }
     if (needsNewSession || ! sessionOk || engine.failed() || buffer.getNumChannels() < sessionChannels)
     {
         buffer.clear();

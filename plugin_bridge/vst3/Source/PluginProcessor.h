@@ -7,6 +7,8 @@
 
 #include <array>
 #include <atomic>
+#include <mutex>
+#include <thread>
 
 namespace unbake
 {
@@ -52,6 +54,7 @@ public:
 
 private:
     void openSession (double sampleRate, int channels);
+    void sessionLoop();
     void computeGains (float* gains) const noexcept;
     void renderOffline (juce::AudioBuffer<float>& buffer);
     void renderRealtime (juce::AudioBuffer<float>& buffer);
@@ -71,8 +74,11 @@ private:
     std::string sessionEndpoint;
     std::array<int, EngineClient::kMaxStems> stemParamIndex {};
     int64_t framesPushed = 0;
-    double lastFailMs = 0;
+    double lastFailMs = 0; // the last open (good or not); these session fields: under sessionMutex
     std::atomic<bool> needsNewSession { false }, active { false };
+    std::mutex sessionMutex; // one openSession at a time (prepare, layout check, offline block, sessionLoop)
+    std::atomic<bool> quitSessionThread { false };
+    std::thread sessionThread; // last: started when everything above exists
 
     // stream position (audio thread)
     int64_t preRollLeft = 0;   // output frames of silence before stem frame 0 (the reported latency)
