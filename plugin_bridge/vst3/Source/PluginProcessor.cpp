@@ -41,7 +41,10 @@ void UnbakeProcessor::sessionLoop()
     {
         std::this_thread::sleep_for (std::chrono::milliseconds (20));
         auto wanted = [this] {
-            const bool retry = active && (! sessionOk || engine.failed()) && nowMs() - lastFailMs >= kRetryS * 1000.0;
+            // retries go to the endpoint that failed (the environment may have changed since:
+            // a new endpoint is taken at the next prepare, not by this thread)
+            const bool retry = active && (! sessionOk || engine.failed()) && nowMs() - lastFailMs >= kRetryS * 1000.0
+                               && endpoint() == sessionEndpoint;
             return sessionRate > 0 && (needsNewSession || retry);
         };
         {
