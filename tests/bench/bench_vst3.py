@@ -1,0 +1,94 @@
+"""Benchmark: an offline render through the unbake VST3 (hosted by pedalboard) vs Client.separate of
+the same audio, same engine, same model.
+
+Run with ``python tests/bench/bench_vst3.py [--seconds 60] [--runs 3]`` (not collected by pytest)
+after ``install/build_vst3.sh``. The engine is a real process on a private ipc:// socket. Runs
+alternate (plugin, client, ...); prints the median of each and the ratio plugin / client. The plugin
+renders ``reported_latency_samples`` more frames than the song (pedalboard feeds that much silence
+after it to flush the latency), which is most of the difference for short songs: with the engine's
+default 34 s segment, a 60 s song costs the plugin 94 s of audio through the network.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+SONG = ROOT.parent / "shared/eval-audio/real-dev-v1/cristina-vane-so-easy/mixture.wav"
+PLUGIN = ROOT / "plugin_bridge/vst3/build/unbake_artefacts/Release/VST3/unbake.vst3"
+
+
+def song(seconds: float) -> tuple[np.ndarray, int]:
+    if SONG.exists():
+        import soundfile as sf
+        data, sr = sf.read(str(SONG), dtype="float32", always_2d=True, frames=int(seconds * 44100))
+        return np.ascontiguousarray(data.T), sr
+    sr = 44100
+    t = np.arange(int(seconds * sr)) / sr
+    x = 0.2 * np.sin(2 * np.pi * 220 * t) + 0.02 * np.random.default_rng(0).standard_normal(t.size)
+    return np.stack([x, x]).astype(np.float32), sr
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.setdefault("DISPLAY", ":4093")  # JUCE headless (see tests/plugin_bridge/test_vst3.py)
+
+    from engine import weights
+    from plugin_bridge.client import Client
+    weights.fetch("spleeter-2stems")
+    tmp = tempfile.mkdtemp(prefix="bench-vst3-")
+    endpoint = f"ipc://{tmp}/engine.sock"
+    env = dict(os.environ, UNBAKE_REPO=str(weights.repo_dir()), UNBAKE_ENDPOINT=endpoint,
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    engine = subprocess.Popen([sys.executable, "-m", "engine.daemon", "--endpoint", endpoint, "--idle-exit-s", "600"],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(f"{tmp}/engine.log", "wb"))
+    try:
+        while True:
+            try:
+                with Client(endpoint, autostart=False, timeout_s=2, retries=0) as c:
+                    c.hello()
+                break
+            except Exception:
+                time.sleep(0.2)
+        os.environ["UNBAKE_ENDPOINT"] = endpoint
+        import pedalboard
+        audio, sr = song(args.seconds)
+        p = pedalboard.load_plugin(str(PLUGIN))
+        p.accompaniment_mute = True
+        client = Client(endpoint, autostart=False, timeout_s=120)
+        client.separate(audio[:, :sr], sr, "spleeter-2stems")  # warm: model loaded
+        p(audio[:, :sr], sr)
+        t_plugin, t_client = [], []
+        for _ in range(args.runs):
+            t = time.perf_counter(); out = p(audio, sr); t_plugin.append(time.perf_counter() - t)
+            t = time.perf_counter(); ref = client.separate(audio, sr, "spleeter-2stems"); t_client.append(time.perf_counter() - t)
+        client.close()
+        mp, mc = statistics.median(t_plugin), statistics.median(t_client)
+        latency = p.reported_latency_samples
+        print(f"song: {audio.shape[1] / sr:.1f} s at {sr} Hz; plugin latency {latency} samples ({latency / sr:.2f} s)")
+        print(f"plugin (pedalboard one-shot) median {mp:.2f} s, Client.separate median {mc:.2f} s, "
+              f"ratio plugin / client {mp / mc:.3f} ({args.runs} runs each)")
+        print(f"audio through the network: plugin {(audio.shape[1] + latency) / sr:.1f} s, client {audio.shape[1] / sr:.1f} s")
+        print(f"max |plugin - Client.separate| (vocals): {float(np.abs(out - ref['vocals']).max()):.3g} "
+              f"(differs only where spleeter's windows reach the end: see tests/plugin_bridge/test_vst3.py)")
+    finally:
+        engine.terminate()
+        engine.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
