@@ -3,8 +3,9 @@
 #
 #   bash install/install.sh            # runtime only, into ./.venv
 #   bash install/install.sh --test     # plus pytest, hypothesis and jsonschema, and (as root, on
-#                                      # Debian/Ubuntu) the packages audacity, xvfb, xdotool that the
-#                                      # Audacity script's tests drive
+#                                      # Debian/Ubuntu) audacity, xvfb, xdotool for the Audacity
+#                                      # tests; the VST3 built in place for its tests
+#   bash install/install.sh --plugin   # plus the VST3, built and copied into ~/.vst3
 #   UNBAKE_VENV=/path/to/venv bash install/install.sh
 #
 # torch is installed first and pinned (torch==2.13.0): installing it through the package's
@@ -13,7 +14,14 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${UNBAKE_VENV:-$root/.venv}
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+plugin=""
+for arg in "$@"; do
+  case "$arg" in
+    --test) extras="[test]" ;;
+    --plugin) plugin=1 ;;
+    *) echo "unbake: install.sh: unknown option $arg (options: --test, --plugin)" >&2; exit 2 ;;
+  esac
+done
 python=${PYTHON:-python3}
 
 # The Audacity tests run the real Audacity (Debian's package ships mod-script-pipe) under Xvfb.
@@ -40,3 +48,12 @@ fi
 echo "unbake: installing unbake$extras" >&2
 "${pip[@]}" install -e "$root$extras"
 "$venv/bin/unbake" fetch spleeter-2stems >&2
+
+# The VST3 (plugin_bridge/vst3): --plugin builds it and copies unbake.vst3 into ~/.vst3; --test
+# builds it in place for tests/plugin_bridge/test_vst3.py (install/build_vst3.sh installs its build
+# dependencies with apt when run as root).
+if [ -n "$plugin" ]; then
+  bash "$root/install/build_vst3.sh" >&2
+elif [ -n "$extras" ]; then
+  UNBAKE_VST3_NO_INSTALL=1 bash "$root/install/build_vst3.sh" >&2
+fi
