@@ -26,6 +26,18 @@ class Identity(torch.nn.Module):
         return torch.stack([mix, 2 * mix], dim=1)
 
 
+def stream_in_cuts(streamer, mix, cuts):
+    """Push ``mix`` [channels, frames] through ``streamer`` in pieces of the sizes ``cuts`` (cycled),
+    close it, and return everything it gave, concatenated: [sources, channels, frames]."""
+    outs, pos, i = [], 0, 0
+    while pos < mix.shape[1]:
+        outs.append(streamer.push(mix[:, pos:pos + cuts[i % len(cuts)]]))
+        pos += cuts[i % len(cuts)]
+        i += 1
+    outs.append(streamer.close())
+    return torch.cat(outs, dim=-1)
+
+
 def reference_overlap_add(model, mix, segment, overlap):
     """Straight transcription of demucs.apply.apply_model(split=True) for one model, no shifts;
     with ``pad_mode = "reflect"`` the windows are cut from ``numpy.pad(mix, mode="reflect")``."""
@@ -79,14 +91,7 @@ def test_stream_equals_offline_for_any_chunking(length, cuts, batch):
     mix = torch.randn(2, length, generator=torch.Generator().manual_seed(length))
     offline = apply_model(model, mix)
     s = Streamer(model, batch_segments=batch)
-    outs, pos, i = [], 0, 0
-    while pos < length:
-        n = cuts[i % len(cuts)]
-        outs.append(s.push(mix[:, pos:pos + n]))
-        pos += n
-        i += 1
-    outs.append(s.close())
-    streamed = torch.cat(outs, dim=-1)
+    streamed = stream_in_cuts(s, mix, cuts)
     assert streamed.shape == offline.shape
     assert torch.max(torch.abs(streamed - offline)).item() < 1e-5
 
@@ -116,13 +121,7 @@ def test_reflect_stream_equals_offline_for_any_chunking(length, cuts, batch, fix
     mix = torch.randn(2, length, generator=torch.Generator().manual_seed(length))
     offline = apply_model(model, mix)
     s = Streamer(model, batch_segments=batch)
-    outs, pos, i = [], 0, 0
-    while pos < length:
-        outs.append(s.push(mix[:, pos:pos + cuts[i % len(cuts)]]))
-        pos += cuts[i % len(cuts)]
-        i += 1
-    outs.append(s.close())
-    streamed = torch.cat(outs, dim=-1)
+    streamed = stream_in_cuts(s, mix, cuts)
     assert streamed.shape == offline.shape == (2, 2, length)
     assert torch.max(torch.abs(streamed - offline)).item() < 1e-5
 
@@ -269,13 +268,7 @@ def test_past_context_stream_equals_offline_for_any_chunking(length, cuts, conte
     mix = torch.randn(2, length, generator=torch.Generator().manual_seed(length))
     offline = apply_model(model, mix, **opts)
     s = Streamer(model, **opts)
-    outs, pos, i = [], 0, 0
-    while pos < length:
-        outs.append(s.push(mix[:, pos:pos + cuts[i % len(cuts)]]))
-        pos += cuts[i % len(cuts)]
-        i += 1
-    outs.append(s.close())
-    assert torch.max(torch.abs(torch.cat(outs, dim=-1) - offline)).item() < 1e-5
+    assert torch.max(torch.abs(stream_in_cuts(s, mix, cuts) - offline)).item() < 1e-5
 
 
 def test_past_context_latency_is_segment_plus_lookahead_exactly():
