@@ -14,7 +14,9 @@ A segment of n frames (n < segment only near the end) is fed to the network as a
 ``TensorChunk.padded``) or "reflect" (the track mirrored at its ends, ``numpy.pad(mode="reflect")``,
 repeated for windows longer than the track; for networks that go wrong on digital silence, see
 ``engine.models.spleeter``). Past the end, reflection is only used once the track is closed, when
-the end is known, so streaming still equals offline. The output is centre-trimmed back to n frames,
+the end is known, so streaming still equals offline; under the past-context rule (``context_s`` /
+``lookahead_s``, a live stream's rule) never: there a closed track gives exactly what a stream of it
+followed by silence gives, which is all a plugin ever sees. The output is centre-trimmed back to n frames,
 weighted by a triangle window (peak in the middle, ``** transition_power``) and overlap-added; the sum
 is divided by the summed weights.
 
@@ -250,20 +252,28 @@ class OverlapAdd:
         start, length = seg.start, seg.w
         lo, hi = max(start, 0), min(start + length, self.received)
         self._copy(lo, hi, out[:, lo - start:hi - start])
-        if self.pad_mode == "reflect" and self.received and (start < 0 or self.closed):
+        # The past-context rule is the live stream's (a plugin's): its end is never known, so past
+        # the end a window holds zeros even once closed, and a closed track gives exactly what a
+        # stream of it followed by silence gives (what a host sends a plugin).
+        mirror_end = self.closed and not self.past_context
+        if self.pad_mode == "reflect" and self.received and (start < 0 or mirror_end):
             pads = [(start, min(0, start + length))]  # before the track: mirrored at frame 0
-            if self.closed:  # past its end, now known: mirrored at the last frame
+            if mirror_end:  # past its end, now known: mirrored at the last frame
                 pads.append((max(self.received, start), start + length))
             for i, (a, b) in enumerate(pads):
                 if a < b:
                     # Before the track, the mirror spans only what this window holds (a window
                     # reaching far back may be longer than the input received so far): the same
-                    # frames whenever the window is filled, so streaming equals offline.
-                    span = min(self.received, start + length) if i == 0 else self.received
+                    # frames whenever the window is filled, so streaming equals offline. Under the
+                    # past-context rule it spans the whole window, zeros past a closed end.
+                    if i == 0:
+                        span = start + length if self.past_context else min(self.received, start + length)
+                    else:
+                        span = self.received
                     src = reflect_index(torch.arange(a, b), span)
                     first, last = int(src.min()), int(src.max()) + 1
-                    part = torch.empty(self.channels, last - first)
-                    self._copy(first, last, part)
+                    part = torch.zeros(self.channels, last - first)
+                    self._copy(first, min(last, self.received), part[:, :max(0, min(last, self.received) - first)])
                     out[:, a - start:b - start] = part[:, src - first]
                     lo, hi = min(lo, a), max(hi, b)
         if hi <= lo:

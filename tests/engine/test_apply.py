@@ -271,6 +271,31 @@ def test_past_context_stream_equals_offline_for_any_chunking(length, cuts, conte
     assert torch.max(torch.abs(stream_in_cuts(s, mix, cuts) - offline)).item() < 1e-5
 
 
+@settings(max_examples=40, deadline=None)
+@given(length=st.integers(1, 6000), context=st.integers(0, 5000), lookahead=st.integers(0, 400),
+       reflect=st.booleans())
+def test_past_context_closed_track_equals_a_stream_of_it_then_silence(length, context, lookahead, reflect):
+    """What a plugin host does: the track, then latency frames of silence, never a close. Under the
+    past-context rule a closed track gives exactly that (zeros past the end, even with "reflect")."""
+    model = WindowMeanSeparator(800, "reflect" if reflect else "zeros")
+    opts = {"context_s": context / 8000, "lookahead_s": lookahead / 8000}
+    mix = torch.randn(2, length, generator=torch.Generator().manual_seed(length))
+    offline = apply_model(model, mix, **opts)
+    s = Streamer(model, **opts)
+    latency = s.latency_frames
+    live = torch.cat([s.push(mix), s.push(torch.zeros(2, latency))], dim=-1)
+    assert live.shape[-1] >= length
+    assert torch.max(torch.abs(live[..., :length] - offline)).item() < 1e-6
+
+
+def test_centred_rule_still_mirrors_at_a_closed_end():
+    """Offline (the centred rule) keeps mirroring past a closed end (issue 11's short clips)."""
+    model = ReflectConvSeparator(1000, pad=300)
+    mix = torch.randn(2, 2500, generator=torch.Generator().manual_seed(1))
+    padded = apply_model(model, torch.cat([mix, torch.zeros(2, 3000)], dim=1))[..., :2500]
+    assert torch.max(torch.abs(apply_model(model, mix) - padded)).item() > 1e-3
+
+
 def test_past_context_latency_is_segment_plus_lookahead_exactly():
     from engine.apply import OverlapAdd
     model = ConvSeparator(800, pad=30)
