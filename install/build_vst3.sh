@@ -48,7 +48,9 @@ else
     fi
 fi
 
-cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DUNBAKE_MSGPACK_INCLUDE_DIR="$msgpack_dir" >&2
+launcher=()  # ccache, when installed, makes rebuilds in a fresh build folder quick
+command -v ccache >/dev/null && launcher=(-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DUNBAKE_MSGPACK_INCLUDE_DIR="$msgpack_dir" "${launcher[@]}" >&2
 cmake --build "$build" --config Release -j "$jobs" >&2
 
 built="$build/unbake_artefacts/Release/VST3/unbake.vst3"

@@ -1,4 +1,5 @@
 #include "PluginProcessor.h"
+#include "PluginEditor.h"
 
 #include <chrono>
 #include <thread>
@@ -276,7 +277,18 @@ void UnbakeProcessor::renderRealtime (juce::AudioBuffer<float>& buffer)
 
 juce::AudioProcessorEditor* UnbakeProcessor::createEditor()
 {
-    return new juce::GenericAudioProcessorEditor (*this);
+    return createUnbakeEditor (*this);
+}
+
+EngineStatus UnbakeProcessor::engineStatus() const
+{
+    EngineStatus st;
+    st.endpoint = endpoint();
+    st.line = engine.status();
+    st.lateFrames = late.load();
+    st.latencySamples = getLatencySamples();
+    st.sampleRate = getSampleRate();
+    return st;
 }
 
 void UnbakeProcessor::getStateInformation (juce::MemoryBlock& destData)

@@ -2,6 +2,7 @@
 
 #include "EngineClient.h"
 #include "Parameters.h"
+#include "Status.h"
 
 #include <juce_audio_processors/juce_audio_processors.h>
 
@@ -51,6 +52,7 @@ public:
     std::string endpoint() const;   // the state's endpoint, else defaultEndpoint()
     std::string status() const { return engine.status(); }
     int64_t lateFrames() const noexcept { return late.load(); }
+    EngineStatus engineStatus() const; // message thread (see Status.h)
 
 private:
     void openSession (double sampleRate, int channels);
