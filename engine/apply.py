@@ -15,10 +15,10 @@ A segment of n frames (n < segment only near the end) is fed to the network as a
 repeated for windows longer than the track; for networks that go wrong on digital silence, see
 ``engine.models.spleeter``). Past the end, reflection is only used once the track is closed, when
 the end is known, so streaming still equals offline. Under the past-context rule (``context_s`` /
-``lookahead_s``, a live stream's rule) the end is never used: a window holds zeros past it, and a
-"reflect" model's window fills its trailing run of exact zeros with the audio before it mirrored
-(a rule on the window's own frames). So a closed track gives exactly what a stream of it followed
-by silence gives, which is all a plugin ever sees. The output is centre-trimmed back to n frames,
+``lookahead_s``, a live stream's rule) neither end is used: a window holds zeros outside the track,
+and a "reflect" model's window fills its leading and trailing runs of exact zeros with its audio
+mirrored (a rule on the window's own frames). So a closed track gives exactly what a stream of it
+followed by silence gives, which is all a plugin ever sees. The output is centre-trimmed back to n frames,
 weighted by a triangle window (peak in the middle, ``** transition_power``) and overlap-added; the sum
 is divided by the summed weights.
 
@@ -249,33 +249,32 @@ class OverlapAdd:
     def fill_window(self, seg: Segment, out: torch.Tensor) -> None:
         """Write the network window of ``seg`` into ``out`` (float32 [channels, seg.w]): input frames
         [seg.start, seg.start + seg.w) of the track; outside [0, received) zeros, or with
-        ``pad_mode`` "reflect" the track mirrored at frame 0, and at its last frame once closed."""
+        ``pad_mode`` "reflect" the track mirrored at frame 0, and at its last frame once closed
+        (the past-context rule: the window's silent ends mirrored, ``_mirror_silence``)."""
         assert out.shape == (self.channels, seg.w), out.shape  # [channels, window]
         start, length = seg.start, seg.w
         lo, hi = max(start, 0), min(start + length, self.received)
         self._copy(lo, hi, out[:, lo - start:hi - start])
-        # The past-context rule is the live stream's (a plugin's): its end is never known, so past
-        # the end a window holds zeros even once closed, and a closed track gives exactly what a
-        # stream of it followed by silence gives (what a host sends a plugin).
-        mirror_end = self.closed and not self.past_context
-        if self.pad_mode == "reflect" and self.received and (start < 0 or mirror_end):
+        if self.past_context:  # a live stream's rule: only the window's own frames
+            out[:, :max(0, min(lo, start + length) - start)].zero_()
+            out[:, max(0, hi - start):].zero_()
+            if self.pad_mode == "reflect":
+                self._mirror_silence(out)
+            return
+        if self.pad_mode == "reflect" and self.received and (start < 0 or self.closed):
             pads = [(start, min(0, start + length))]  # before the track: mirrored at frame 0
-            if mirror_end:  # past its end, now known: mirrored at the last frame
+            if self.closed:  # past its end, now known: mirrored at the last frame
                 pads.append((max(self.received, start), start + length))
             for i, (a, b) in enumerate(pads):
                 if a < b:
                     # Before the track, the mirror spans only what this window holds (a window
                     # reaching far back may be longer than the input received so far): the same
-                    # frames whenever the window is filled, so streaming equals offline. Under the
-                    # past-context rule it spans the whole window, zeros past a closed end.
-                    if i == 0:
-                        span = start + length if self.past_context else min(self.received, start + length)
-                    else:
-                        span = self.received
+                    # frames whenever the window is filled, so streaming equals offline.
+                    span = min(self.received, start + length) if i == 0 else self.received
                     src = reflect_index(torch.arange(a, b), span)
                     first, last = int(src.min()), int(src.max()) + 1
-                    part = torch.zeros(self.channels, last - first)
-                    self._copy(first, min(last, self.received), part[:, :max(0, min(last, self.received) - first)])
+                    part = torch.empty(self.channels, last - first)
+                    self._copy(first, last, part)
                     out[:, a - start:b - start] = part[:, src - first]
                     lo, hi = min(lo, a), max(hi, b)
         if hi <= lo:
@@ -283,24 +282,23 @@ class OverlapAdd:
             return
         out[:, :lo - start].zero_()
         out[:, hi - start:].zero_()
-        if self.pad_mode == "reflect" and self.past_context:
-            self._mirror_trailing_silence(out)
 
     @staticmethod
-    def _mirror_trailing_silence(out: torch.Tensor) -> None:
-        """A live stream's windows (the past-context rule) never learn where the track ends; what
-        they see past it is the silence a host sends. For a "reflect" model that silence is filled
-        as a closed end would be: the window's trailing run of exact zeros (every channel) holds the
-        audio before it mirrored (``numpy.pad(mode="reflect")`` of the window up to its last
-        non-zero frame). It depends only on the window's frames, so a closed track, a stream of it
-        followed by silence, and any chunking of either give the same windows."""
+    def _mirror_silence(out: torch.Tensor) -> None:
+        """A live stream's window (the past-context rule) never learns where the track starts or
+        ends: before and after it, it sees the silence a host plays. A "reflect" model's window
+        fills its leading and trailing runs of exact zeros (every channel) with its audio mirrored:
+        ``numpy.pad(mode="reflect")`` of the window's frames from its first to its last non-zero
+        frame (at a track's first frame, as ``numpy.pad`` of the track). A rule on the window's own
+        frames: a closed track, a stream of it between silences, any chunking: the same windows."""
         # out: [channels, window]
         nonzero = torch.nonzero(out.abs().amax(dim=0)).flatten()
         if nonzero.numel() == 0:
             return
-        z = int(nonzero[-1]) + 1  # frames [z, window) are silent
-        if z < out.shape[1]:
-            out[:, z:] = out[:, reflect_index(torch.arange(z, out.shape[1]), z)]
+        first, end = int(nonzero[0]), int(nonzero[-1]) + 1
+        if first > 0 or end < out.shape[1]:
+            src = first + reflect_index(torch.arange(-first, out.shape[1] - first), end - first)
+            out.copy_(out[:, src])
 
     def _copy(self, lo: int, hi: int, out: torch.Tensor) -> None:
         """Copy track frames [lo, hi) (within the input received) into ``out`` [channels, hi - lo]."""
