@@ -554,6 +554,11 @@ class Streamer:
         """Output lags the input pushed by at most this many frames (at the model's rate)."""
         return max(runner.latency_frames for runner, _ in self.parts)
 
+    @property
+    def live(self) -> bool:
+        """The past-context rule (a live stream's): the track's end is never used."""
+        return any(runner.past_context for runner, _ in self.parts)
+
     def feed(self, chunk: torch.Tensor) -> list[Job]:
         """chunk: float32 [channels, n]. Returns the jobs (segments) now ready for the network;
         run them in order (``run_jobs``), then ``collect()`` the final output."""

@@ -138,7 +138,15 @@ class TrackSeparator:
                        f"{bound:g}, {20 * math.log10(bound):+.0f} dBFS); scale the audio down")
 
     def feed_close(self) -> list[Job]:
-        """End of the track: the remaining jobs."""
+        """End of the track: the remaining jobs.
+
+        Under the past-context rule (``Streamer.live``) the end is never used: the track goes on
+        with ``latency_samples`` frames of silence at its own rate, through the resamplers as a
+        stream's would (which makes every input frame's output final), so a closed track equals
+        a stream of it followed by silence at any rate, which is what a plugin host sends."""
+        if self.streamer.live:
+            silence = np.zeros((self.model.audio_channels, self.latency_samples), np.float32)
+            return self.streamer.feed(torch.from_numpy(np.ascontiguousarray(self.to_model.process(silence))))
         rest = self.to_model.flush()
         jobs = self.streamer.feed(torch.from_numpy(np.ascontiguousarray(rest))) if rest.shape[-1] else []
         return jobs + self.streamer.feed_close()

@@ -52,3 +52,19 @@ def test_past_context_out_of_bounds_is_refused_with_a_code(engine_endpoint, opti
             client.open("spleeter-2stems", 44100, 2, **options)
         assert e.value.code == code
         client.hello()  # and the engine keeps serving
+
+
+@pytest.mark.parametrize("sr, channels", [(44100, 2), (48000, 2), (48000, 1), (22050, 2)])
+def test_closed_track_equals_a_stream_of_it_then_silence_at_any_rate(spleeter, sr, channels):
+    """What a plugin host does: the track, then latency frames of silence, never a close. A closed
+    track under these options gives exactly that, at the model's rate and through the resamplers
+    (the engine continues a closed live track with silence rather than flushing the resamplers)."""
+    from engine.sessions import TrackSeparator
+    mix = clicks_and_music(sr, 3.3, seed=sr)[:channels]
+    closed = separate_array(spleeter, mix, sr, **OPTIONS)
+    live = TrackSeparator(spleeter, sr, channels, **OPTIONS)
+    parts = [live.push(mix), live.push(np.zeros((channels, live.latency_samples), np.float32))]
+    for name in closed:
+        y = np.concatenate([p[name] for p in parts], axis=1)
+        assert y.shape[1] >= mix.shape[1]
+        assert float(np.abs(y[:, :mix.shape[1]] - closed[name]).max()) == 0.0
