@@ -156,42 +156,60 @@ def test_parameters_are_plain_attributes(plugin):
     assert plugin.vocals_mute == True  # noqa: E712 (pedalboard wraps the bool)
 
 
+# The engine at 48 kHz (not the model's 44.1 kHz): a closed track's last frames differ from those of a
+# stream of it followed by silence (at close, engine.sessions.TrackSeparator flushes its resamplers as
+# if the track ended there: the model does not see the resampled tail a stream has, and spleeter's
+# STFT, 4096 frames, spreads that over the last window; measured: from frame 142903 of 144000, max
+# 0.0145). The plugin is that stream (equal to Client.separate of the audio padded with silence).
+RESAMPLER_REACH = 4096
+
+
 @pytest.mark.parametrize("sr,channels", [(44100, 2), (48000, 2), (44100, 1), (48000, 1)])
 def test_one_shot_equals_client_separate(plugin, engine_endpoint, sr, channels):
     """The plugin's one-shot output is Client.separate with the plugin's options (a closed track equals
     a stream of it followed by silence under the past-context rule), exactly aligned, same length;
-    its reported latency is the engine's for those options."""
+    its reported latency is the engine's for those options. For each mix: vocals only, vocals muted,
+    every stem at 0 dB, vocals at -6 dB."""
     audio = music(sr, 3.0, channels)
+    g = 10 ** (-6.0 / 20)
+    outs = {}
     solo(plugin, "vocals")
-    vocals = plugin(audio, sr)
+    outs["vocals"] = plugin(audio, sr)
     latency = engine_latency(engine_endpoint, sr, channels)
     print(f"{sr} Hz, {channels} channel(s): the engine's latency {latency} samples; "
           f"the plugin reports {plugin.reported_latency_samples}")
     assert plugin.reported_latency_samples == latency
     assert latency == {44100: 63944, 48000: 69974}[sr]  # 1 s segment + 0.45 s lookahead, at the model's rate
-    want = reference(engine_endpoint, audio, sr)
-    assert vocals.shape == audio.shape  # same length: pedalboard removed the reported latency
-    diffs = {"vocals": float(np.abs(vocals - want["vocals"]).max())}  # and the alignment is exact
-
     solo(plugin, *[s for s in STEM_PARAMS if s != "vocals"])  # karaoke: vocals muted
-    karaoke = plugin(audio, sr)
-    diffs["vocals muted"] = float(np.abs(karaoke - want["accompaniment"]).max())
-
+    outs["vocals muted"] = plugin(audio, sr)
     solo(plugin, *STEM_PARAMS)  # every stem at 0 dB: the sum of the stems
-    everything = plugin(audio, sr)
-    diffs["all at 0 dB"] = float(np.abs(everything - (want["vocals"] + want["accompaniment"])).max())
-
-    solo(plugin, *STEM_PARAMS)
+    outs["all at 0 dB"] = plugin(audio, sr)
     # "vocals -6 dB". pedalboard sets a float parameter on a grid of 1000 steps of its normalised
     # range ([-60, 12] dB: 0.072 dB apart); -6 dB is on it (6.0 would become 6.024)
     plugin.vocals_gain_db = -6.0
-    softer = plugin(audio, sr)
-    g = 10 ** (-6.0 / 20)
-    diffs["vocals -6 dB"] = float(np.abs(softer - (g * want["vocals"] + want["accompaniment"])).max())
-    print("max |plugin - Client.separate|: " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items())
-          + f" (peak of the vocals {float(np.abs(want['vocals']).max()):.3g})")
-    assert max(diffs.values()) <= 1e-5, diffs
-    assert float(np.abs(want["vocals"]).max()) > 0.01  # not a comparison of silences
+    outs["vocals -6 dB"] = plugin(audio, sr)
+
+    def mixes(stems):
+        v, a = stems["vocals"], stems["accompaniment"]
+        return {"vocals": v, "vocals muted": a, "all at 0 dB": v + a, "vocals -6 dB": g * v + a}
+
+    closed = mixes(reference(engine_endpoint, audio, sr))
+    padded = np.concatenate([audio, np.zeros((channels, latency), np.float32)], axis=1)
+    stream = {k: v[:, :audio.shape[1]] for k, v in mixes(reference(engine_endpoint, padded, sr)).items()}
+    assert all(out.shape == audio.shape for out in outs.values())  # pedalboard removed the reported latency
+    diff = {k: float(np.abs(outs[k] - closed[k]).max()) for k in outs}
+    diff_stream = {k: float(np.abs(outs[k] - stream[k]).max()) for k in outs}
+    bad = np.flatnonzero(np.max([np.abs(outs[k] - closed[k]).max(0) for k in outs], axis=0) > 1e-5)
+    print("max |plugin - Client.separate(audio)|: " + ", ".join(f"{k} {v:.3g}" for k, v in diff.items())
+          + (f" (frames {bad[0]}..{bad[-1]} of {audio.shape[1]})" if bad.size else "")
+          + "; max |plugin - Client.separate(audio + latency zeros)|: " + f"{max(diff_stream.values()):.3g}"
+          + f"; peak of the vocals {float(np.abs(closed['vocals']).max()):.3g}")
+    assert float(np.abs(closed["vocals"]).max()) > 0.01  # not a comparison of silences
+    assert max(diff_stream.values()) <= 1e-5, diff_stream  # the stream of the audio followed by silence
+    if sr != 44100 and bad.size and bad[0] >= audio.shape[1] - RESAMPLER_REACH:
+        pytest.xfail(f"engine: at {sr} Hz a closed track's last {audio.shape[1] - bad[0]} frames differ from a "
+                     f"stream followed by silence (max {max(diff.values()):.3g}); see RESAMPLER_REACH")
+    assert max(diff.values()) <= 1e-5, diff
 
 
 def test_one_shot_equals_client_stream(plugin, engine_endpoint):
@@ -394,10 +412,11 @@ def test_engine_killed_mid_render_then_back(plugin_path, spleeter_repo, tmp_path
         second = child.stdout.readline().split()
         assert second and second[0] == "SECOND", second
         print(f"engine back: the next render took {float(second[1]):.1f} s, peak {float(second[-1]):.3g}")
-        assert float(second[-1]) > 0  # processing resumed
         child.stdin.close()
         assert child.wait(timeout=60) == 0
-        assert "went away" in child.stderr.read()  # the log says why
+        err = child.stderr.read()
+        assert float(second[-1]) > 0, err  # processing resumed
+        assert "went away" in err  # the log says why
     finally:
         if child.poll() is None:
             child.kill()
