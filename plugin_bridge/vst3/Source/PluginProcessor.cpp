@@ -207,7 +207,10 @@ void UnbakeProcessor::openSession (double sampleRate, int channels, bool byHost)
         ep = endpointValue.isNotEmpty() ? endpointValue.toStdString() : hostEndpoint;
         command = engineCommandValue.isNotEmpty() ? engineCommandValue.toStdString() : hostCommand;
     }
-    if (! sessionOk && lastFailMs > 0 && now - lastFailMs < kRetryS * 1000.0 && sampleRate == sessionRate
+    // (the host's opens are spaced by the host's own: a background retry that failed just before
+    // an engine came back does not make the host's next prepare skip it)
+    const double last = byHost ? lastHostOpenMs : lastFailMs;
+    if (! sessionOk && last > 0 && now - last < kRetryS * 1000.0 && sampleRate == sessionRate
         && channels == sessionChannels && model == sessionModel && ep == sessionEndpoint && command == sessionCommand)
     {
         needsNewSession = false;
@@ -242,6 +245,8 @@ void UnbakeProcessor::openSession (double sampleRate, int channels, bool byHost)
     debt = 0;
     sessionOk = info.ok;
     lastFailMs = nowMs(); // also the time of the last good open: a failure right after waits kRetryS
+    if (byHost)
+        lastHostOpenMs = lastFailMs;
     numStems = info.ok ? (int) info.stems.size() : 0;
     hasAccompanimentStem = false;
     for (int s = 0; s < numStems; ++s)

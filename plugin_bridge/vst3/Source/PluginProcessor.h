@@ -106,7 +106,8 @@ private:
     std::string hostEndpoint, hostCommand; // what the environment said at the host's last open
     std::array<int, EngineClient::kMaxStems> stemParamIndex {};
     int64_t framesPushed = 0;
-    double lastFailMs = 0; // the last open (good or not); these session fields: under sessionMutex
+    double lastFailMs = 0;     // the last open (good or not); these session fields: under sessionMutex
+    double lastHostOpenMs = 0; // the last open by the host's calls
     std::atomic<bool> needsNewSession { false }, active { false };
     std::atomic<double> reopenNotBeforeMs { 0 }; // a reset's new session: not in the background before
     std::atomic<int> openModel { -1 }; // sessionModel, for the parameter listener
