@@ -61,8 +61,9 @@ def plugin(plugin_path, engine_endpoint, monkeypatch, request):
     monkeypatch.setenv("UNBAKE_ENDPOINT", engine_endpoint)
     p = pedalboard.load_plugin(str(plugin_path))
     yield p
-    # gone while UNBAKE_ENDPOINT still names the test engine: pytest would keep it until the session
-    # ends, when a host's last prepare would reach for the user's default endpoint instead
+    # gone now, while its engine runs: pedalboard's parameter wrappers make reference cycles, so
+    # without a collection it would live on past the engine (retrying it in the background) until
+    # the interpreter exits (see test_a_leftover_plugin_is_quiet_at_exit)
     request.node.funcargs.pop("plugin", None)
     del p
     gc.collect()
