@@ -56,6 +56,15 @@ def plugin_path() -> Path:
     return PLUGIN
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _plugins_gone_before_the_engine():
+    """pedalboard's parameter wrappers make reference cycles, and pytest holds a fixture's value until
+    after its teardown: the last plugin would live on past the engine (logging that it went away and
+    retrying it). Collected here, at the module's end, while the engine still runs."""
+    yield
+    gc.collect()
+
+
 @pytest.fixture()
 def plugin(plugin_path, engine_endpoint, monkeypatch, request):
     monkeypatch.setenv("UNBAKE_ENDPOINT", engine_endpoint)
