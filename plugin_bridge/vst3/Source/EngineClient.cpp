@@ -4,13 +4,25 @@
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
 
+#include <cctype>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <set>
 
 #if JUCE_LINUX || JUCE_MAC || JUCE_BSD
+ #define UNBAKE_POSIX 1
+ #include <cerrno>
+ #include <csignal>
+ #include <fcntl.h>
+ #include <spawn.h>
+ #include <sys/file.h>
+ #include <sys/stat.h>
+ #include <sys/wait.h>
  #include <unistd.h>
+extern char** environ;
+#else
+ #define UNBAKE_POSIX 0
 #endif
 
 namespace unbake
@@ -31,11 +43,9 @@ bool writableDir (const std::string& path)
 double secondsSince (Clock::time_point t) { return std::chrono::duration<double> (Clock::now() - t).count(); }
 } // namespace
 
-std::string defaultEndpoint()
+std::string runtimeDir()
 {
-    if (const char* e = std::getenv ("UNBAKE_ENDPOINT"); e != nullptr && *e != 0)
-        return e;
-#if JUCE_LINUX || JUCE_MAC || JUCE_BSD
+#if UNBAKE_POSIX
     const auto uid = std::to_string ((long) getuid());
     std::vector<std::string> parents;
     if (const char* x = std::getenv ("XDG_RUNTIME_DIR"); x != nullptr && *x != 0)
@@ -43,17 +53,60 @@ std::string defaultEndpoint()
     parents.push_back ("/run/user/" + uid);
     for (const auto& p : parents)
         if (writableDir (p))
-            return "ipc://" + p + "/unbake/engine.sock";
+            return p + "/unbake";
     std::string tmp = "/tmp";
     if (const char* t = std::getenv ("TMPDIR"); t != nullptr && *t != 0 && writableDir (t))
         tmp = t;
     while (tmp.size() > 1 && tmp.back() == '/')
         tmp.pop_back();
-    return "ipc://" + tmp + "/unbake-" + uid + "/engine.sock";
+    return tmp + "/unbake-" + uid;
+#else
+    return juce::File::getSpecialLocation (juce::File::tempDirectory).getChildFile ("unbake").getFullPathName().toStdString();
+#endif
+}
+
+std::string defaultEndpoint()
+{
+    if (const char* e = std::getenv ("UNBAKE_ENDPOINT"); e != nullptr && *e != 0)
+        return e;
+#if UNBAKE_POSIX
+    return "ipc://" + runtimeDir() + "/engine.sock";
 #else
     return "tcp://127.0.0.1:5555"; // TODO: the Windows default of engine.endpoints
 #endif
 }
+
+std::string lockPath (const std::string& endpoint)
+{
+    if (endpoint.rfind ("ipc://", 0) == 0)
+        return endpoint.substr (6) + ".lock";
+    std::string safe;
+    for (char ch : endpoint)
+        safe += std::isalnum (static_cast<unsigned char> (ch)) ? ch : '-';
+    return runtimeDir() + "/" + safe + ".lock";
+}
+
+namespace
+{
+// an engine may be started for ipc:// and for tcp:// on a loopback address (engine.endpoints.is_loopback)
+bool startable (const std::string& endpoint)
+{
+    if (endpoint.rfind ("ipc://", 0) == 0)
+        return true;
+    if (endpoint.rfind ("tcp://", 0) != 0)
+        return false;
+    auto host = endpoint.substr (6, endpoint.rfind (':') == std::string::npos ? std::string::npos : endpoint.rfind (':') - 6);
+    if (host.size() >= 2 && host.front() == '[' && host.back() == ']')
+        host = host.substr (1, host.size() - 2);
+    return host == "localhost" || host == "::1" || host.rfind ("127.", 0) == 0;
+}
+
+std::string parentOf (const std::string& path)
+{
+    const auto slash = path.rfind ('/');
+    return slash == std::string::npos ? std::string (".") : slash == 0 ? std::string ("/") : path.substr (0, slash);
+}
+} // namespace
 
 struct EngineClient::Impl
 {
@@ -108,6 +161,8 @@ struct EngineClient::Impl
     }
     std::string endpoint;
     int64_t nextId = 1;
+    long spawnedPid = 0;            // the engine this client started, until it exits (reaped)
+    std::string spawnedEndpoint;
 
     // the current session
     std::string session;
@@ -131,9 +186,23 @@ EngineClient::EngineClient() : impl (std::make_unique<Impl>())
 EngineClient::~EngineClient()
 {
     cancel();
-    runCommand ([this] { impl->closeSocket(); });
+    runCommand ([this] { impl->closeSocket(); reapEngine(); });
     quit = true;
     worker.join();
+}
+
+// worker thread: a started engine that has exited is reaped (no zombie); one still running is left
+// alone (it serves other clients too and exits by itself when idle)
+void EngineClient::reapEngine()
+{
+#if UNBAKE_POSIX
+    if (impl->spawnedPid > 0)
+    {
+        int st = 0;
+        if (waitpid ((pid_t) impl->spawnedPid, &st, WNOHANG) != 0)
+            impl->spawnedPid = 0;
+    }
+#endif
 }
 
 void EngineClient::setStatus (const std::string& s)
@@ -188,6 +257,7 @@ void EngineClient::run()
         }
         if (impl->socket == nullptr || impl->session.empty() || failedFlag)
         {
+            reapEngine();
             std::this_thread::sleep_for (std::chrono::milliseconds (2));
             continue;
         }
@@ -345,19 +415,21 @@ void EngineClient::flushPending()
     }
 }
 
-EngineClient::SessionInfo EngineClient::open (const std::string& endpoint, const std::string& model, int sampleRate,
-                                              int channels, int timeoutMs)
+EngineClient::SessionInfo EngineClient::open (const OpenRequest& r)
 {
     SessionInfo info;
-    if (channels < 1 || channels > kMaxChannels)
+    info.model = r.model;
+    const auto& endpoint = r.endpoint;
+    if (r.channels < 1 || r.channels > kMaxChannels)
     {
-        info.error = "unbake separates mono or stereo audio, not " + std::to_string (channels) + " channels";
+        info.error = "unbake separates mono or stereo audio, not " + std::to_string (r.channels) + " channels";
+        failedFlag = true;
         setStatus (info.error);
         return info;
     }
     runCommand ([&] {
         auto& I = *impl;
-        const auto deadline = Clock::now() + std::chrono::milliseconds (timeoutMs);
+        const auto deadline = Clock::now() + std::chrono::milliseconds (r.timeoutMs);
         // end the old session; a new socket drops whatever the old one still had queued
         if (I.socket != nullptr && ! I.session.empty())
         {
@@ -373,23 +445,11 @@ EngineClient::SessionInfo EngineClient::open (const std::string& endpoint, const
         outFifo.reset();
         failedFlag = false;
         I.closeSocket();
+        reapEngine();
 
         I.endpoint = endpoint;
-        // an ipc socket file that is not there: no engine, no need to wait for one
-        if (endpoint.rfind ("ipc:///", 0) == 0 && ! juce::File (juce::String (endpoint.substr (6))).exists())
-        {
-            info.error = "no engine at " + endpoint + " (start one with `unbake serve`); output is silence";
-            return;
-        }
-        try { I.openSocket (endpoint); }
-        catch (const zmq::error_t& e)
-        {
-            I.closeSocket();
-            info.error = "bad endpoint " + endpoint + ": " + e.what();
-            return;
-        }
 
-        // send, retrying while the connection comes up (at most 1.5 s or the deadline)
+        // send, retrying while the connection comes up (at most `seconds` or the deadline)
         auto sendWithin = [&] (const std::string& header, double seconds) {
             const auto until = std::min (deadline, Clock::now() + std::chrono::milliseconds ((int) (seconds * 1000)));
             while (true)
@@ -401,31 +461,67 @@ EngineClient::SessionInfo EngineClient::open (const std::string& endpoint, const
                 std::this_thread::sleep_for (std::chrono::milliseconds (5));
             }
         };
-        // the terminal reply to `id` (progress keeps waiting, up to the deadline)
-        auto await = [&] (int64_t id, wire::Reply& out) {
-            while (Clock::now() < deadline)
+        // the terminal reply to `id` (progress keeps waiting, up to `until`)
+        auto await = [&] (int64_t id, wire::Reply& out, Clock::time_point until) {
+            until = std::min (until, deadline);
+            while (Clock::now() < until)
             {
                 zmq::pollitem_t item { I.socket->handle(), 0, ZMQ_POLLIN, 0 };
-                const auto left = std::chrono::duration_cast<std::chrono::milliseconds> (deadline - Clock::now());
+                const auto left = std::chrono::duration_cast<std::chrono::milliseconds> (until - Clock::now());
                 if (zmq::poll (&item, 1, std::chrono::milliseconds (std::max<long> (1, std::min<long> (50, (long) left.count())))) <= 0)
                     continue;
                 std::vector<zmq::message_t> msgs;
                 if (! zmq::recv_multipart (*I.socket, std::back_inserter (msgs), zmq::recv_flags::dontwait) || msgs.empty())
                     continue;
-                auto r = wire::parseReply (msgs[0].data(), msgs[0].size());
-                if (! r.valid || r.re != id || r.kind == "progress")
+                auto reply = wire::parseReply (msgs[0].data(), msgs[0].size());
+                if (! reply.valid || reply.re != id || reply.kind == "progress")
                     continue;
-                out = std::move (r);
+                out = std::move (reply);
                 return true;
             }
             return false;
         };
-
-        const int64_t helloId = I.nextId++;
+        // hello on a fresh socket: the send within sendS, the reply by `until`; false when nothing
+        // answers (an ipc socket file that is not there: no engine, no need to wait for one)
         wire::Reply hello;
-        if (! sendWithin (wire::hello (helloId, "unbake-vst3"), 1.5) || ! await (helloId, hello))
+        auto sayHello = [&] (double sendS, Clock::time_point until) {
+            I.closeSocket();
+            if (endpoint.rfind ("ipc:///", 0) == 0 && ! juce::File (juce::String (endpoint.substr (6))).exists())
+                return false;
+            I.openSocket (endpoint);
+            const int64_t helloId = I.nextId++;
+            return sendWithin (wire::hello (helloId, "unbake-vst3"), sendS) && await (helloId, hello, until);
+        };
+        const std::string noEngine = "no engine at " + endpoint + " (start one with `unbake serve`"
+                                     + (startable (endpoint) ? ", or set engine_command or $UNBAKE_EXECUTABLE" : "")
+                                     + "); output is silence";
+        try
         {
-            info.error = "no engine at " + endpoint + " (start one with `unbake serve`); output is silence";
+            bool answered = sayHello (1.5, deadline);
+            if (! answered && ! r.engineCommand.empty() && startable (endpoint))
+            {
+                auto probe = [&] (double seconds) {
+                    return sayHello (seconds, Clock::now() + std::chrono::milliseconds ((int) (seconds * 1000)));
+                };
+                std::string why;
+                const auto startBy = std::min (deadline, Clock::now() + std::chrono::milliseconds (r.startWaitMs));
+                if (! startEngine (r, startBy, probe, why))
+                {
+                    info.error = why;
+                    return;
+                }
+                answered = true; // startEngine's last probe got `hello`
+            }
+            if (! answered)
+            {
+                info.error = noEngine;
+                return;
+            }
+        }
+        catch (const zmq::error_t& e)
+        {
+            I.closeSocket();
+            info.error = "bad endpoint " + endpoint + ": " + e.what();
             return;
         }
         if (hello.kind != "hello")
@@ -437,15 +533,16 @@ EngineClient::SessionInfo EngineClient::open (const std::string& endpoint, const
 
         const int64_t openId = I.nextId++;
         wire::Reply ready;
-        if (! sendWithin (wire::open (openId, model, sampleRate, channels), 1.5) || ! await (openId, ready))
+        if (! sendWithin (wire::open (openId, r.model, r.sampleRate, r.channels, r.options), 1.5)
+            || ! await (openId, ready, deadline))
         {
-            info.error = "the engine at " + endpoint + " did not open " + model + " within "
-                         + std::to_string (timeoutMs / 1000) + " s; output is silence";
+            info.error = "the engine at " + endpoint + " did not open " + r.model + " within "
+                         + std::to_string (r.timeoutMs / 1000) + " s; output is silence";
             return;
         }
         if (ready.kind != "ready")
         {
-            info.error = "engine error " + ready.code + ": " + ready.message;
+            info.error = "engine error " + ready.code + ": " + ready.message + "; output is silence";
             return;
         }
         if (ready.session.empty() || ready.stems.empty() || (int) ready.stems.size() > kMaxStems
@@ -455,15 +552,15 @@ EngineClient::SessionInfo EngineClient::open (const std::string& endpoint, const
             return;
         }
         I.session = ready.session;
-        I.channels = channels;
+        I.channels = r.channels;
         I.numStems = (int) ready.stems.size();
         I.lastAlive = Clock::now();
         info.ok = true;
         info.session = ready.session;
-        info.model = ready.model.empty() ? model : ready.model;
+        info.model = ready.model.empty() ? r.model : ready.model;
         info.latencySamples = (int) ready.latencySamples;
-        info.sampleRate = sampleRate;
-        info.channels = channels;
+        info.sampleRate = r.sampleRate;
+        info.channels = r.channels;
         info.stems = ready.stems;
         sessionOpen = true;
         (void) I.disconnected(); // events of the probe's own connection attempts
@@ -474,8 +571,8 @@ EngineClient::SessionInfo EngineClient::open (const std::string& endpoint, const
         for (auto& s : info.stems)
             stems += (stems.empty() ? "" : ",") + s;
         setStatus ("connected to " + endpoint + ": " + info.model + " on " + info.device + ", stems " + stems
-                   + ", latency " + std::to_string (info.latencySamples) + " samples at " + std::to_string (sampleRate)
-                   + " Hz (" + std::to_string (1000.0 * info.latencySamples / sampleRate) + " ms)");
+                   + ", latency " + std::to_string (info.latencySamples) + " samples at " + std::to_string (r.sampleRate)
+                   + " Hz (" + std::to_string (1000.0 * info.latencySamples / r.sampleRate) + " ms)");
     }
     else
     {
@@ -483,6 +580,144 @@ EngineClient::SessionInfo EngineClient::open (const std::string& endpoint, const
         setStatus (info.error);
     }
     return info;
+}
+
+// Worker thread, inside open(): nothing answered at r.endpoint. As plugin_bridge.client's
+// _ensure_daemon: serialise on flock(<lockPath>.start), probe again, start `<command> serve` unless
+// an engine is already starting there (ours, still running, or another holding the daemon lock),
+// then probe until it answers, it exits, or `until`. True when a probe got `hello`.
+bool EngineClient::startEngine (const OpenRequest& r, Clock::time_point until, const std::function<bool (double)>& probe,
+                                std::string& why)
+{
+#if UNBAKE_POSIX
+    auto& I = *impl;
+    const auto lock = lockPath (r.endpoint);
+    const auto startLock = lock + ".start";
+    const auto dir = parentOf (lock);
+    const auto log = dir + "/engine.log";
+    if (access (r.engineCommand.c_str(), X_OK) != 0 || juce::File (juce::String (r.engineCommand)).isDirectory())
+    {
+        why = "no engine at " + r.endpoint + ", and engine_command " + r.engineCommand
+              + " is not an executable file; output is silence";
+        return false;
+    }
+    if (! juce::File (juce::String (dir)).isDirectory() && mkdir (dir.c_str(), 0700) != 0 && errno != EEXIST)
+    {
+        why = "cannot start the unbake engine at " + r.endpoint + ": " + dir + ": " + std::strerror (errno);
+        return false;
+    }
+    const int fd = ::open (startLock.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+    struct stat st {};
+    if (fd < 0 || fstat (fd, &st) != 0 || ! S_ISREG (st.st_mode) || st.st_uid != getuid())
+    {
+        why = "cannot start the unbake engine at " + r.endpoint + ": its lock " + startLock
+              + " is not a file of this user; output is silence";
+        if (fd >= 0)
+            ::close (fd);
+        return false;
+    }
+    struct Closer { int fd; ~Closer() { ::close (fd); } } closer { fd }; // closing releases the flock
+    while (flock (fd, LOCK_EX | LOCK_NB) != 0)
+    {
+        if (Clock::now() >= until)
+        {
+            why = "another process is starting the unbake engine at " + r.endpoint + " (lock " + startLock
+                  + "); output is silence until it answers";
+            return false;
+        }
+        std::this_thread::sleep_for (std::chrono::milliseconds (50));
+    }
+    if (probe (kProbeS)) // someone else started it meanwhile
+        return true;
+
+    auto daemonLockHeld = [&lock] {
+        const int lfd = ::open (lock.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+        if (lfd < 0)
+            return false;
+        const bool held = flock (lfd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+        ::close (lfd);
+        return held;
+    };
+    reapEngine();
+    const bool ours = I.spawnedPid > 0 && I.spawnedEndpoint == r.endpoint;
+    if (! ours && ! daemonLockHeld())
+    {
+        std::vector<std::string> args { r.engineCommand, "serve", "--endpoint", r.endpoint, "--idle-exit-s",
+                                        std::to_string (kIdleExitS) };
+        std::vector<char*> argv;
+        for (auto& a : args)
+            argv.push_back (a.data());
+        argv.push_back (nullptr);
+        posix_spawn_file_actions_t fa;
+        posix_spawnattr_t attr;
+        posix_spawn_file_actions_init (&fa);
+        posix_spawn_file_actions_addopen (&fa, 0, "/dev/null", O_RDONLY, 0);
+        posix_spawn_file_actions_addopen (&fa, 1, log.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW, 0600);
+        posix_spawn_file_actions_adddup2 (&fa, 1, 2);
+        posix_spawnattr_init (&attr);
+        sigset_t none, defaults;
+        sigemptyset (&none);
+        sigemptyset (&defaults);
+        for (int sig : { SIGPIPE, SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGCHLD, SIGUSR1, SIGUSR2 })
+            sigaddset (&defaults, sig);
+        posix_spawnattr_setsigmask (&attr, &none);
+        posix_spawnattr_setsigdefault (&attr, &defaults);
+        short flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF;
+       #ifdef POSIX_SPAWN_SETSID
+        flags |= POSIX_SPAWN_SETSID; // detached: its own session, no terminal signals of the host's
+       #else
+        flags |= POSIX_SPAWN_SETPGROUP;
+        posix_spawnattr_setpgroup (&attr, 0);
+       #endif
+        posix_spawnattr_setflags (&attr, flags);
+        pid_t pid = 0;
+        const int err = posix_spawn (&pid, r.engineCommand.c_str(), &fa, &attr, argv.data(), environ);
+        posix_spawn_file_actions_destroy (&fa);
+        posix_spawnattr_destroy (&attr);
+        if (err != 0)
+        {
+            why = "cannot start the unbake engine (" + r.engineCommand + " serve): " + std::strerror (err)
+                  + " (log " + log + "); output is silence";
+            return false;
+        }
+        I.spawnedPid = pid;
+        I.spawnedEndpoint = r.endpoint;
+        setStatus ("starting the unbake engine at " + r.endpoint + ": " + r.engineCommand + " serve (pid "
+                   + std::to_string ((long) pid) + ", log " + log + ")");
+    }
+    while (true)
+    {
+        const auto began = Clock::now();
+        if (probe (kProbeS))
+            return true;
+        if (I.spawnedPid > 0 && I.spawnedEndpoint == r.endpoint)
+        {
+            int status = 0;
+            if (waitpid ((pid_t) I.spawnedPid, &status, WNOHANG) == (pid_t) I.spawnedPid)
+            {
+                I.spawnedPid = 0;
+                if (! daemonLockHeld())
+                {
+                    why = "the unbake engine (" + r.engineCommand + " serve) exited with status "
+                          + std::to_string (WIFEXITED (status) ? WEXITSTATUS (status) : 128 + WTERMSIG (status))
+                          + " before answering at " + r.endpoint + " (log " + log + "); output is silence";
+                    return false;
+                }
+            }
+        }
+        if (Clock::now() >= until)
+        {
+            why = "the unbake engine started at " + r.endpoint + " has not answered yet (log " + log
+                  + "); output is silence until it does";
+            return false;
+        }
+        std::this_thread::sleep_for (std::max (Clock::duration::zero(), std::chrono::milliseconds (100) - (Clock::now() - began)));
+    }
+#else
+    juce::ignoreUnused (r, until, probe);
+    why = "no engine at " + r.endpoint + " (starting one is not supported on this platform yet); output is silence";
+    return false;
+#endif
 }
 
 void EngineClient::cancel()
@@ -521,23 +756,34 @@ int EngineClient::writeInput (const float* const* channels, int numChannels, int
 
 void EngineClient::mixStems (int numFrames, const float* gains, float* const* out, int numChannels, int outStart) noexcept
 {
+    float* const* outs[1] = { out };
+    mixStems (numFrames, 1, gains, outs, numChannels, outStart);
+}
+
+void EngineClient::mixStems (int numFrames, int numOutputs, const float* gains, float* const* const* outs,
+                             int numChannels, int outStart) noexcept
+{
     const int numStems = (int) impl->numStems; // set before the session opened; constant while it runs
     int s1, n1, s2, n2;
     outFifo.prepareToRead (numFrames, s1, n1, s2, n2);
-    for (int c = 0; c < numChannels; ++c)
+    for (int d = 0; d < numOutputs; ++d)
     {
-        float* dst = out[c] + outStart;
-        std::fill (dst, dst + n1 + n2, 0.0f);
-        for (int s = 0; s < numStems; ++s)
+        if (outs[d] == nullptr)
+            continue;
+        const float* g = gains + (size_t) d * kMaxStems;
+        for (int c = 0; c < numChannels; ++c)
         {
-            const float g = gains[s];
-            if (g == 0.0f)
-                continue;
-            const float* src = outBuf[(size_t) (s * kMaxChannels + c)].data();
-            for (int k = 0; k < n1; ++k)
-                dst[k] += g * src[s1 + k];
-            for (int k = 0; k < n2; ++k)
-                dst[n1 + k] += g * src[s2 + k];
+            float* dst = outs[d][c] + outStart;
+            std::fill (dst, dst + n1 + n2, 0.0f);
+            for (int s = 0; s < numStems; ++s)
+            {
+                if (g[s] == 0.0f)
+                    continue;
+                const float* src = outBuf[(size_t) (s * kMaxChannels + c)].data();
+                juce::FloatVectorOperations::addWithMultiply (dst, src + s1, g[s], n1);
+                if (n2 > 0)
+                    juce::FloatVectorOperations::addWithMultiply (dst + n1, src + s2, g[s], n2);
+            }
         }
     }
     outFifo.finishedRead (n1 + n2);

@@ -30,7 +30,33 @@ juce::AudioProcessorValueTreeState::ParameterLayout createParameterLayout();
 juce::String gainId (int stem);
 juce::String muteId (int stem);
 inline const char* kModelId = "model";
-inline const char* kEndpointProperty = "endpoint";
+
+// Properties of the state (not parameters): where the engine is, and how to start one there.
+inline const char* kEndpointProperty = "endpoint";            // empty: defaultEndpoint()
+inline const char* kEngineCommandProperty = "engine_command"; // path of the `unbake` executable
+inline const char* kEngineCommandEnv = "UNBAKE_EXECUTABLE";   // else this; else no autostart
+// The state's read-only child node (written by getStateInformation, ignored by setStateInformation):
+// <engine_status connected="1|0" endpoint=".." model=".." device=".." line=".." latency_samples="N"
+//                sample_rate="R" late_frames="N" stems="vocals,accompaniment"/>
+inline const char* kStatusNode = "engine_status";
+
+// The session the plugin opens: the engine's past-context rule (engine/apply.py, a live stream's
+// rule; open request options of engine/protocol.py). Each 1 s segment (a quarter overlapping the
+// next) is separated in a network window that reaches context_s back over audio already received
+// (no latency) and lookahead_s past the segment's end, so the latency is about a segment plus the
+// lookahead (spleeter-2stems: 63944 samples at 44.1 kHz, 69974 at 48 kHz) instead of the centred
+// rule's 34 s; and a closed track equals a stream of it followed by silence, so a host's one-shot
+// render equals Client.separate(audio, sr, model, **these options).
+// tests/plugin_bridge/test_vst3.py (PLUGIN_OPTIONS) states the same four values.
+struct SessionOption
+{
+    const char* name;
+    double value;
+};
+inline constexpr std::array<SessionOption, 4> kSessionOptions { { { "segment_s", 1.0 },
+                                                                  { "overlap", 0.25 },
+                                                                  { "context_s", 4.0 },
+                                                                  { "lookahead_s", 0.45 } } };
 
 // Linear gain of a stem the model returns, from the parameters (not real-time: call off the audio
 // thread or with the raw atomics, see PluginProcessor::stemGains).

@@ -28,13 +28,24 @@ std::string hello (int64_t id, const std::string& client)
     return str (b);
 }
 
-std::string open (int64_t id, const std::string& model, int sampleRate, int channels)
+std::string open (int64_t id, const std::string& model, int sampleRate, int channels,
+                  const std::vector<std::pair<std::string, double>>& options)
 {
     msgpack::sbuffer b; Packer p (b);
-    p.pack_map (6); common (p, "open", id);
+    p.pack_map (options.empty() ? 6 : 7); common (p, "open", id);
     key (p, "model"); p.pack (model);
     key (p, "sample_rate"); p.pack (sampleRate);
     key (p, "channels"); p.pack (channels);
+    if (! options.empty())
+    {
+        key (p, "options");
+        p.pack_map ((uint32_t) options.size());
+        for (const auto& [name, value] : options)
+        {
+            p.pack (name);
+            p.pack (value); // a float64 (the engine takes int or float for these)
+        }
+    }
     return str (b);
 }
 

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace unbake::wire
@@ -12,7 +13,9 @@ namespace unbake::wire
 constexpr int kProtocolVersion = 1;
 
 std::string hello (int64_t id, const std::string& client);
-std::string open (int64_t id, const std::string& model, int sampleRate, int channels);
+// options: the session's open options (name, number), e.g. segment_s, context_s (protocol.OPTION_TYPES)
+std::string open (int64_t id, const std::string& model, int sampleRate, int channels,
+                  const std::vector<std::pair<std::string, double>>& options = {});
 std::string push (int64_t id, const std::string& session, int channels, int frames);
 std::string cancel (int64_t id, const std::string& session);
 
