@@ -127,6 +127,10 @@ void UnbakeProcessor::openSession (double sampleRate, int channels)
     const int latency = info.ok ? info.latencySamples + own : 0;
     preRollLeft = latency;
     setLatencySamples (latency);
+    {
+        const std::lock_guard<std::mutex> lk (infoMutex); // P2 stub
+        lastInfo = info;
+    }
     needsNewSession = false; // last: the audio thread reads the session's fields after this flag
 }
 
@@ -288,8 +292,21 @@ EngineStatus UnbakeProcessor::engineStatus() const
     st.lateFrames = late.load();
     st.latencySamples = getLatencySamples();
     st.sampleRate = getSampleRate();
+    {
+        const std::lock_guard<std::mutex> lk (infoMutex); // P2 stub: connected, model, device, stems
+        st.connected = lastInfo.ok && engine.hasSession() && ! engine.failed();
+        st.model = lastInfo.model;
+        st.device = lastInfo.device;
+        st.stems = lastInfo.stems;
+    }
     return st;
 }
+
+// P2 stub: the settings are properties of the state (saved with it)
+void UnbakeProcessor::setEndpoint (const juce::String& e) { params.state.setProperty (kEndpointProperty, e, nullptr); }
+juce::String UnbakeProcessor::endpointSetting() const { return params.state.getProperty (kEndpointProperty).toString(); }
+void UnbakeProcessor::setEngineCommand (const juce::String& c) { params.state.setProperty ("engine_command", c, nullptr); }
+juce::String UnbakeProcessor::engineCommandSetting() const { return params.state.getProperty ("engine_command").toString(); }
 
 void UnbakeProcessor::getStateInformation (juce::MemoryBlock& destData)
 {

@@ -54,6 +54,14 @@ public:
     int64_t lateFrames() const noexcept { return late.load(); }
     EngineStatus engineStatus() const; // message thread (see Status.h)
 
+    // P2 stub: the editor's access to the parameters and the settings (replaced at merge by the
+    // processor owner's versions)
+    juce::AudioProcessorValueTreeState& parameters() noexcept { return params; }
+    void setEndpoint (const juce::String& e);
+    juce::String endpointSetting() const;
+    void setEngineCommand (const juce::String& c);
+    juce::String engineCommandSetting() const;
+
 private:
     void openSession (double sampleRate, int channels);
     void sessionLoop();
@@ -80,6 +88,8 @@ private:
     std::atomic<bool> needsNewSession { false }, active { false };
     std::mutex sessionMutex; // one openSession at a time (prepare, layout check, offline block, sessionLoop)
     std::atomic<bool> quitSessionThread { false };
+    mutable std::mutex infoMutex;      // P2 stub: the last open's answer, for engineStatus()
+    EngineClient::SessionInfo lastInfo; // P2 stub
     std::thread sessionThread; // last: started when everything above exists
 
     // stream position (audio thread)
