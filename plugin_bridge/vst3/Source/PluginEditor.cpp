@@ -17,12 +17,7 @@ const juce::Colour background { 0xff1c2126 }, panel { 0xff272e35 }, outline { 0x
 constexpr int kMargin = 10, kPad = 8, kHeadingH = 22, kRowH = 34, kInfoH = 21, kFieldH = 26;
 constexpr float kDimAlpha = 0.35f;
 
-juce::String latencyMs (const EngineStatus& st)
-{
-    return st.sampleRate > 0 ? juce::String (1000.0 * st.latencySamples / st.sampleRate, 1) + " ms at "
-                                   + juce::String (st.sampleRate / 1000.0, 1) + " kHz"
-                             : juce::String ("-");
-}
+double latencyMs (const EngineStatus& st) { return st.sampleRate > 0 ? 1000.0 * st.latencySamples / st.sampleRate : 0.0; }
 
 juce::String joined (const std::vector<std::string>& v)
 {
@@ -47,10 +42,15 @@ void styleCaption (juce::Label& l, const juce::String& text)
 }
 } // namespace
 
-UnbakeEditor::UnbakeEditor (UnbakeProcessor& p) : AudioProcessorEditor (p), processor (p)
+static juce::LookAndFeel_V4::ColourScheme colourScheme()
 {
-    auto& lf = getLookAndFeel();
-    lf.setColour (juce::ResizableWindow::backgroundColourId, palette::background);
+    using namespace palette;
+    return { background, background.darker (0.3f), panel, outline, text, accent, juce::Colours::white, accent, text };
+}
+
+UnbakeEditor::UnbakeEditor (UnbakeProcessor& p) : AudioProcessorEditor (p), processor (p), lookAndFeel (colourScheme())
+{
+    setLookAndFeel (&lookAndFeel);
 
     title.setText ("unbake", juce::dontSendNotification);
     title.setFont (juce::Font (24.0f, juce::Font::bold));
@@ -73,12 +73,12 @@ UnbakeEditor::UnbakeEditor (UnbakeProcessor& p) : AudioProcessorEditor (p), proc
         row.name.setText (kStemNames[(size_t) s], juce::dontSendNotification);
         row.name.setFont (juce::Font (14.5f));
         row.name.setColour (juce::Label::textColourId, palette::text);
-        row.name.setMinimumHorizontalScale (0.8f);
+        row.name.setMinimumHorizontalScale (0.75f);
         addAndMakeVisible (row.name);
 
         row.gain.setColour (juce::Slider::trackColourId, palette::accent);
         row.gain.setColour (juce::Slider::textBoxOutlineColourId, palette::outline);
-        row.gain.setTextBoxStyle (juce::Slider::TextBoxRight, false, 68, 22);
+        row.gain.setTextBoxStyle (juce::Slider::TextBoxRight, false, 64, 22);
         addAndMakeVisible (row.gain);
         row.gainAttachment = std::make_unique<SliderAttachment> (p.parameters(), gainId (s), row.gain);
         // after the attachment (which installs the parameter's own text functions): "-6.0 dB"
@@ -103,7 +103,7 @@ UnbakeEditor::UnbakeEditor (UnbakeProcessor& p) : AudioProcessorEditor (p), proc
     statusLine.setMinimumHorizontalScale (1.0f);
     addAndMakeVisible (statusLine);
 
-    static const char* captions[numInfo] { "Endpoint", "Model", "Device", "Stems", "Latency", "", "Late frames" };
+    static const char* captions[numInfo] { "Endpoint", "Model", "Device", "Stems", "Latency", "", "Sample rate", "Late frames" };
     for (int i = 0; i < numInfo; ++i)
     {
         styleCaption (infoCaption[(size_t) i], captions[i]);
@@ -153,6 +153,7 @@ UnbakeEditor::UnbakeEditor (UnbakeProcessor& p) : AudioProcessorEditor (p), proc
 UnbakeEditor::~UnbakeEditor()
 {
     stopTimer();
+    setLookAndFeel (nullptr);
 }
 
 void UnbakeEditor::commitEndpoint()
@@ -189,22 +190,23 @@ void UnbakeEditor::refresh()
     connection.setColour (juce::Label::textColourId, st.connected ? palette::good : palette::bad);
     const auto summary = st.connected ? modelName + " on " + juce::String (st.device) + ", latency "
                                             + juce::String (st.latencySamples) + " samples ("
-                                            + juce::String (st.sampleRate > 0 ? 1000.0 * st.latencySamples / st.sampleRate : 0.0, 0)
+                                            + juce::String (latencyMs (st), 0)
                                             + " ms)"
                                       : juce::String (st.line);
     statusLine.setText (summary, juce::dontSendNotification);
     statusLine.setTooltip (st.line);
 
     auto show = [this] (Info i, const juce::String& v) {
-        infoValue[i].setText (v.isNotEmpty() ? v : juce::String ("-"), juce::dontSendNotification);
+        infoValue[i].setText (v.isNotEmpty() ? v : juce::String ("-"), juce::dontSendNotification);  // " ": blank
         infoValue[i].setTooltip (v);
     };
     show (endpointInfo, st.endpoint);
     show (modelInfo, modelName);
     show (deviceInfo, st.device);
     show (stemsInfo, joined (st.stems));
-    show (latencyInfo, st.sampleRate > 0 || st.latencySamples > 0 ? juce::String (st.latencySamples) + " samples" : juce::String());
-    show (rateInfo, st.sampleRate > 0 ? latencyMs (st) : juce::String());
+    show (latencyInfo, st.connected ? juce::String (st.latencySamples) + " samples" : juce::String());
+    show (latencyMsInfo, st.connected && st.sampleRate > 0 ? juce::String (latencyMs (st), 1) + " ms" : juce::String (" "));
+    show (rateInfo, st.sampleRate > 0 ? juce::String (st.sampleRate, 0) + " Hz" : juce::String());
     show (lateInfo, juce::String (st.lateFrames));
 
     for (int s = 0; s < (int) stems.size(); ++s)
@@ -271,7 +273,7 @@ void UnbakeEditor::resized()
         line (commandLabel, commandField);
     }
 
-    stemsPanel = area.removeFromLeft (300);
+    stemsPanel = area.removeFromLeft (316);
     area.removeFromLeft (kPad);
     enginePanel = area;
     {
@@ -280,7 +282,7 @@ void UnbakeEditor::resized()
         for (auto& row : stems)
         {
             auto line = r.removeFromTop (kRowH).reduced (0, 3);
-            row.name.setBounds (line.removeFromLeft (88));
+            row.name.setBounds (line.removeFromLeft (102));
             row.mute.setBounds (line.removeFromRight (58));
             row.gain.setBounds (line.withTrimmedRight (4));
         }
@@ -294,7 +296,7 @@ void UnbakeEditor::resized()
         for (int i = 0; i < numInfo; ++i)
         {
             auto line = r.removeFromTop (kInfoH);
-            infoCaption[(size_t) i].setBounds (line.removeFromLeft (78));
+            infoCaption[(size_t) i].setBounds (line.removeFromLeft (74));
             infoValue[(size_t) i].setBounds (line);
         }
     }

@@ -51,6 +51,7 @@ private:
     };
 
     UnbakeProcessor& processor;
+    juce::LookAndFeel_V4 lookAndFeel; // the editor's own colours (the default one is shared in the host)
     EngineStatus shown;
 
     juce::Label title, modelLabel, stemsHeading, engineHeading, connection, statusLine;
@@ -59,7 +60,7 @@ private:
     std::array<StemRow, kStemNames.size()> stems;
 
     // the engine's status: a caption and a value per row
-    enum Info { endpointInfo, modelInfo, deviceInfo, stemsInfo, latencyInfo, rateInfo, lateInfo, numInfo };
+    enum Info { endpointInfo, modelInfo, deviceInfo, stemsInfo, latencyInfo, latencyMsInfo, rateInfo, lateInfo, numInfo };
     std::array<juce::Label, numInfo> infoCaption, infoValue;
 
     juce::Label endpointLabel, commandLabel;

@@ -49,25 +49,35 @@ juce::var statusJson (const unbake::EngineStatus& st)
 
 int main (int argc, char* argv[])
 {
-    juce::ArgumentList args (argc, argv);
-    const auto out = args.getValueForOption ("--out");
+    const juce::StringArray args (argv + 1, argc - 1);
+    // "--name value" or "--name=value"; the last one wins
+    auto option = [&args] (const juce::String& name) {
+        juce::String value;
+        for (int i = 0; i < args.size(); ++i)
+            if (args[i] == name && i + 1 < args.size())
+                value = args[++i];
+            else if (args[i].startsWith (name + "="))
+                value = args[i].fromFirstOccurrenceOf ("=", false, false);
+        return value;
+    };
+    const auto out = option ("--out");
     if (out.isEmpty())
         return usage ("--out is required");
-    const auto endpoint = args.getValueForOption ("--endpoint");
-    auto number = [&args] (const char* option, double fallback) {
-        const auto v = args.getValueForOption (option);
+    const auto endpoint = option ("--endpoint");
+    auto number = [&option] (const char* name, double fallback) {
+        const auto v = option (name);
         return v.isNotEmpty() ? v.getDoubleValue() : fallback;
     };
     const double rate = number ("--rate", 44100.0), scale = number ("--scale", 1.0);
     const int channels = (int) number ("--channels", 2), block = (int) number ("--block", 512);
     const int settleMs = (int) number ("--settle-ms", 600), waitMs = (int) (1000 * number ("--wait-s", 60));
-    const bool realtime = args.containsOption ("--realtime");
+    const bool realtime = args.contains ("--realtime");
     if (rate <= 0 || block <= 0 || scale <= 0 || (channels != 1 && channels != 2))
         return usage ("bad --rate, --block, --scale or --channels");
     juce::StringArray sets;
     for (int i = 0; i + 1 < args.size(); ++i)
         if (args[i] == "--set")
-            sets.add (args[i + 1].text);
+            sets.add (args[++i]);
 
     juce::ScopedJuceInitialiser_GUI gui; // the message manager (message thread = this thread)
     int status = 1;
