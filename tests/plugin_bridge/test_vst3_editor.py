@@ -120,7 +120,8 @@ def test_editor_snapshot_connected(snapshot_tool, engine_endpoint, tmp_path):
         stream.cancel()
     png = tmp_path / "editor.png"
     st = run_tool(snapshot_tool, png, engine_endpoint, "--rate", "44100", "--channels", "2",
-                  "--set", "vocals_gain_db=-6", "--set", "drums_mute=1")
+                  "--set", "vocals_gain_db=-6", "--set", "drums_mute=1",
+                  "--type", "engine_command=unbake serve --device cpu")
     print("editor status:", json.dumps(st))
 
     assert st["connected"] is True, st["line"]
@@ -132,6 +133,10 @@ def test_editor_snapshot_connected(snapshot_tool, engine_endpoint, tmp_path):
     assert st["sample_rate"] == 44100 and st["late_frames"] == 0
     # the stems spleeter-2stems lacks are dimmed; accompaniment always acts (everything but vocals)
     assert st["dimmed"] == ["drums", "bass", "other", "guitar", "piano"]
+    assert st["model_shown"] == MODEL  # the combo box shows the "model" parameter
+    # typed into the field + Return: the processor's setting (the state)
+    assert st["engine_command_setting"] == "unbake serve --device cpu"
+    assert st["endpoint_setting"] == engine_endpoint
 
     assert (st["editor_width"], st["editor_height"]) == (WIDTH, HEIGHT)
     img = read_png(png)
@@ -144,10 +149,15 @@ def test_editor_snapshot_connected(snapshot_tool, engine_endpoint, tmp_path):
 def test_editor_snapshot_no_engine(snapshot_tool, tmp_path):
     endpoint = f"ipc://{tmp_path}/nobody-here.sock"
     png = tmp_path / "editor.png"
-    st = run_tool(snapshot_tool, png, endpoint, "--wait-s", "0", timeout=60)
+    other = f"ipc://{tmp_path}/somewhere-else.sock"
+    st = run_tool(snapshot_tool, png, endpoint, "--wait-s", "0", "--set", "model=htdemucs_6s",
+                  "--type", f"endpoint={other}", timeout=60)
     print("editor status:", json.dumps(st))
     assert st["connected"] is False
-    assert st["endpoint"] == endpoint and "no engine at" in st["line"]
+    assert f"no engine at {endpoint}" in st["line"]
+    assert st["model_shown"] == "htdemucs_6s"
+    # the endpoint typed into the editor is the state's (the next session's) endpoint
+    assert st["endpoint_setting"] == other and st["endpoint"] == other
     assert st["latency_samples"] == 0 and st["stems"] == []
     assert st["dimmed"] == []  # nothing is known to be missing without a model
     img = read_png(png)

@@ -62,6 +62,7 @@ UnbakeEditor::UnbakeEditor (UnbakeProcessor& p) : AudioProcessorEditor (p), proc
     addAndMakeVisible (modelLabel);
     model.addItemList (modelChoices(), 1); // item id = choice index + 1, as ComboBoxAttachment expects
     model.setTooltip ("the separation model the engine runs (a new session when it changes)");
+    model.setComponentID ("model");
     addAndMakeVisible (model);
     modelAttachment = std::make_unique<ComboBoxAttachment> (p.parameters(), kModelId, model);
 
@@ -100,7 +101,7 @@ UnbakeEditor::UnbakeEditor (UnbakeProcessor& p) : AudioProcessorEditor (p), proc
     statusLine.setFont (juce::Font (13.0f));
     statusLine.setColour (juce::Label::textColourId, palette::text);
     statusLine.setJustificationType (juce::Justification::topLeft);
-    statusLine.setMinimumHorizontalScale (1.0f);
+    statusLine.setMinimumHorizontalScale (0.85f);
     addAndMakeVisible (statusLine);
 
     static const char* captions[numInfo] { "Endpoint", "Model", "Device", "Stems", "Latency", "", "Sample rate", "Late frames" };
@@ -135,8 +136,12 @@ UnbakeEditor::UnbakeEditor (UnbakeProcessor& p) : AudioProcessorEditor (p), proc
                 "Return applies it");
     styleField (commandLabel, "Engine command", commandField, "none: start the engine yourself (unbake serve)",
                 "the command that starts an engine when none answers at the endpoint; Return applies it");
-    endpointField.setText (p.endpointSetting(), juce::dontSendNotification);
-    commandField.setText (p.engineCommandSetting(), juce::dontSendNotification);
+    endpointField.setComponentID ("endpoint");
+    commandField.setComponentID ("engine_command");
+    endpointField.setText (p.endpointSetting(), false);
+    commandField.setText (p.engineCommandSetting(), false);
+    endpointField.setCaretPosition (0);
+    commandField.setCaretPosition (0);
     endpointField.onReturnKey = [this] { commitEndpoint(); };
     endpointField.onFocusLost = [this] { commitEndpoint(); };
     endpointField.onEscapeKey = [this] { endpointField.setText (processor.endpointSetting(), false); };
@@ -227,10 +232,15 @@ void UnbakeEditor::refresh()
     }
 
     // the host may change the state (a preset, an undo): show it, unless the field is being edited
-    if (! endpointField.hasKeyboardFocus (true) && endpointField.getText() != processor.endpointSetting())
-        endpointField.setText (processor.endpointSetting(), false);
-    if (! commandField.hasKeyboardFocus (true) && commandField.getText() != processor.engineCommandSetting())
-        commandField.setText (processor.engineCommandSetting(), false);
+    auto sync = [] (juce::TextEditor& field, const juce::String& setting) {
+        if (! field.hasKeyboardFocus (true) && field.getText() != setting)
+        {
+            field.setText (setting, false);
+            field.setCaretPosition (0); // a long endpoint shows its start
+        }
+    };
+    sync (endpointField, processor.endpointSetting());
+    sync (commandField, processor.engineCommandSetting());
 }
 
 void UnbakeEditor::paint (juce::Graphics& g)
@@ -291,8 +301,8 @@ void UnbakeEditor::resized()
         auto r = enginePanel.reduced (kPad, 4);
         engineHeading.setBounds (r.removeFromTop (kHeadingH));
         connection.setBounds (r.removeFromTop (20));
-        statusLine.setBounds (r.removeFromTop (36));
-        r.removeFromTop (4);
+        statusLine.setBounds (r.removeFromTop (50)); // 3 lines (the whole line: its tooltip)
+        r.removeFromTop (2);
         for (int i = 0; i < numInfo; ++i)
         {
             auto line = r.removeFromTop (kInfoH);

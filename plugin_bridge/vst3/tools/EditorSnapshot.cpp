@@ -6,6 +6,10 @@
 //
 //   unbake_editor_snapshot --out editor.png [--endpoint ipc://...] [--rate 44100] [--channels 2]
 //       [--block 512] [--realtime] [--settle-ms 600] [--wait-s 60] [--scale 1] [--set vocals_gain_db=-6]...
+//       [--type endpoint=ipc://...] [--type engine_command="unbake serve"]
+//
+// --set: a parameter, before the editor opens. --type: once the editor is open, the text typed into
+// its field (component ID "endpoint" or "engine_command") followed by Return, as a user would.
 //
 // Without --endpoint the processor's default applies ($UNBAKE_ENDPOINT, else the per-user socket).
 // --realtime: prepared as a real-time host (the reported latency adds one block); default: offline,
@@ -24,7 +28,8 @@ int usage (const juce::String& why)
 {
     std::cerr << "unbake_editor_snapshot: " << why << "\n"
               << "usage: unbake_editor_snapshot --out FILE.png [--endpoint E] [--rate HZ] [--channels 1|2] [--block N]\n"
-                 "       [--realtime] [--settle-ms MS] [--wait-s S] [--scale F] [--set PARAM=VALUE]...\n";
+                 "       [--realtime] [--settle-ms MS] [--wait-s S] [--scale F] [--set PARAM=VALUE]...\n"
+                 "       [--type FIELD=TEXT]...\n";
     return 2;
 }
 
@@ -74,10 +79,12 @@ int main (int argc, char* argv[])
     const bool realtime = args.contains ("--realtime");
     if (rate <= 0 || block <= 0 || scale <= 0 || (channels != 1 && channels != 2))
         return usage ("bad --rate, --block, --scale or --channels");
-    juce::StringArray sets;
+    juce::StringArray sets, types;
     for (int i = 0; i + 1 < args.size(); ++i)
         if (args[i] == "--set")
             sets.add (args[++i]);
+        else if (args[i] == "--type")
+            types.add (args[++i]);
 
     juce::ScopedJuceInitialiser_GUI gui; // the message manager (message thread = this thread)
     int status = 1;
@@ -109,6 +116,16 @@ int main (int argc, char* argv[])
         {
             std::cerr << "unbake_editor_snapshot: the processor made no UnbakeEditor\n";
             return 1;
+        }
+
+        for (const auto& t : types)
+        {
+            const auto id = t.upToFirstOccurrenceOf ("=", false, false);
+            auto* field = dynamic_cast<juce::TextEditor*> (editor->findChildWithID (id));
+            if (field == nullptr)
+                return usage ("the editor has no text field " + id);
+            field->setText (t.fromFirstOccurrenceOf ("=", false, false), true);
+            field->keyPressed (juce::KeyPress (juce::KeyPress::returnKey));
         }
 
         // the editor's own timer refreshes it on this message loop; the snapshot once it has run for
@@ -148,6 +165,10 @@ int main (int argc, char* argv[])
             o->setProperty ("png_width", image.getWidth());
             o->setProperty ("png_height", image.getHeight());
             o->setProperty ("written", written);
+            o->setProperty ("endpoint_setting", processor->endpointSetting());
+            o->setProperty ("engine_command_setting", processor->engineCommandSetting());
+            if (auto* model = dynamic_cast<juce::ComboBox*> (editor->findChildWithID ("model")))
+                o->setProperty ("model_shown", model->getText());
             std::cout << juce::JSON::toString (json, true) << std::endl;
             status = written ? 0 : 1;
             juce::MessageManager::getInstance()->stopDispatchLoop();
