@@ -114,6 +114,12 @@ def pixels_near(img: np.ndarray, rgb, tol: int = 12) -> int:
     return int((np.abs(img[..., :3].astype(int) - np.array(rgb)).max(axis=-1) <= tol).sum())
 
 
+def row_peak(img: np.ndarray, bounds) -> float:
+    """The brightest pixel (mean of R, G, B) inside ``bounds`` ([x, y, w, h])."""
+    x, y, w, h = bounds
+    return float(img[y:y + h, x:x + w, :3].astype(float).mean(axis=-1).max())
+
+
 def test_editor_snapshot_connected(snapshot_tool, engine_endpoint, tmp_path):
     from plugin_bridge.client import Client
     with Client(engine_endpoint, autostart=False, timeout_s=60) as client:
@@ -136,6 +142,8 @@ def test_editor_snapshot_connected(snapshot_tool, engine_endpoint, tmp_path):
     assert st["sample_rate"] == 44100 and st["late_frames"] == 0
     # the stems spleeter-2stems lacks are dimmed; accompaniment always acts (everything but vocals)
     assert st["dimmed"] == ["drums", "bass", "other", "guitar", "piano"]
+    lacking = ("drums", "bass", "other", "guitar", "piano")
+    assert st["stem_tooltips"] == {s: f"not in {MODEL}" if s in lacking else "" for s in STEMS}
     assert st["model_shown"] == MODEL  # the combo box shows the "model" parameter
     # typed into the field + Return: the processor's setting (the state)
     assert st["engine_command_setting"] == "unbake serve --device cpu"
@@ -147,6 +155,12 @@ def test_editor_snapshot_connected(snapshot_tool, engine_endpoint, tmp_path):
     assert float(img[..., :3].astype(float).std()) > 10  # drawn, not blank
     assert len(np.unique(img[..., :3].reshape(-1, 3), axis=0)) > 50  # text, controls, panels
     assert pixels_near(img, CONNECTED_GREEN) > 30  # "● connected" is drawn in green
+    # dimmed rows are drawn dim: their brightest pixels (text, thumb) at most half as bright as an
+    # active row's (measured: 118 against 255)
+    peak = {s: row_peak(img, st["stem_rows"][s]) for s in STEMS}
+    print("brightest pixel per stem row:", peak)
+    for s in STEMS:
+        assert (peak[s] < 140) if s in lacking else (peak[s] > 220), (s, peak[s])
 
 
 def test_editor_snapshot_no_engine(snapshot_tool, tmp_path):
@@ -167,3 +181,5 @@ def test_editor_snapshot_no_engine(snapshot_tool, tmp_path):
     assert img.shape[:2] == (HEIGHT, WIDTH)
     assert float(img[..., :3].astype(float).std()) > 10
     assert pixels_near(img, NOT_CONNECTED_RED) > 30 and pixels_near(img, CONNECTED_GREEN) == 0
+    assert all(row_peak(img, st["stem_rows"][s]) > 220 for s in STEMS)  # none dimmed
+    assert all(tip == "" for tip in st["stem_tooltips"].values())

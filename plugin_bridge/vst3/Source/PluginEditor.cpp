@@ -183,6 +183,14 @@ bool UnbakeEditor::stemDimmed (int s) const
     return std::find (shown.stems.begin(), shown.stems.end(), kStemNames[(size_t) s]) == shown.stems.end();
 }
 
+juce::String UnbakeEditor::stemTooltip (int s) const { return stems[(size_t) s].tooltip; }
+
+juce::Rectangle<int> UnbakeEditor::stemRowBounds (int s) const
+{
+    const auto& row = stems[(size_t) s];
+    return row.name.getBounds().getUnion (row.gain.getBounds()).getUnion (row.mute.getBounds());
+}
+
 void UnbakeEditor::refresh()
 {
     shown = processor.engineStatus();
@@ -226,6 +234,7 @@ void UnbakeEditor::refresh()
             tip = "everything but vocals (" + modelName + " has no accompaniment stem)";
         for (juce::Component* c : { (juce::Component*) &row.name, (juce::Component*) &row.gain, (juce::Component*) &row.mute })
             c->setAlpha (dim ? kDimAlpha : 1.0f);
+        row.tooltip = tip;
         row.name.setTooltip (tip);
         row.gain.setTooltip (tip);
         row.mute.setTooltip (tip);

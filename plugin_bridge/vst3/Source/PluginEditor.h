@@ -31,6 +31,8 @@ public:
     void refresh();                                   // reads engineStatus() now (the timer does it 4 times a second)
     const EngineStatus& shownStatus() const noexcept { return shown; }
     bool stemDimmed (int stem) const;                 // drawn dimmed: the connected model lacks it
+    juce::String stemTooltip (int stem) const;        // "not in <model>" when dimmed
+    juce::Rectangle<int> stemRowBounds (int stem) const; // name, gain and mute of a stem
 
 private:
     void timerCallback() override { refresh(); }
@@ -46,6 +48,7 @@ private:
         juce::Label name;
         juce::Slider gain { juce::Slider::LinearHorizontal, juce::Slider::TextBoxRight };
         juce::ToggleButton mute { "mute" };
+        juce::String tooltip; // what name, gain and mute show
         std::unique_ptr<SliderAttachment> gainAttachment;
         std::unique_ptr<ButtonAttachment> muteAttachment;
     };

@@ -154,11 +154,21 @@ int main (int argc, char* argv[])
             }
             auto json = statusJson (unbakeEditor->shownStatus());
             juce::Array<juce::var> dimmed;
+            auto* tooltips = new juce::DynamicObject();
+            auto* rows = new juce::DynamicObject(); // [x, y, w, h] in the PNG's pixels (at --scale 1)
             for (int s = 0; s < (int) unbake::kStemNames.size(); ++s)
+            {
+                const juce::String name (unbake::kStemNames[(size_t) s]);
                 if (unbakeEditor->stemDimmed (s))
-                    dimmed.add (juce::String (unbake::kStemNames[(size_t) s]));
+                    dimmed.add (name);
+                tooltips->setProperty (name, unbakeEditor->stemTooltip (s));
+                const auto r = unbakeEditor->stemRowBounds (s);
+                rows->setProperty (name, juce::Array<juce::var> { r.getX(), r.getY(), r.getWidth(), r.getHeight() });
+            }
             auto* o = json.getDynamicObject();
             o->setProperty ("dimmed", dimmed);
+            o->setProperty ("stem_tooltips", juce::var (tooltips));
+            o->setProperty ("stem_rows", juce::var (rows));
             o->setProperty ("editor_width", editor->getWidth());
             o->setProperty ("editor_height", editor->getHeight());
             o->setProperty ("png", file.getFullPathName());
