@@ -158,6 +158,15 @@ UnbakeEditor::UnbakeEditor (UnbakeProcessor& p) : AudioProcessorEditor (p), proc
 UnbakeEditor::~UnbakeEditor()
 {
     stopTimer();
+    // what is being typed is applied (as when the field loses the focus); a field not being edited
+    // may lag a host's change of the state by a timer tick, so it is not written back; then no
+    // callback may run while the members go
+    if (endpointField.hasKeyboardFocus (true))
+        commitEndpoint();
+    if (commandField.hasKeyboardFocus (true))
+        commitEngineCommand();
+    for (auto* field : { &endpointField, &commandField })
+        field->onReturnKey = field->onFocusLost = field->onEscapeKey = nullptr;
     setLookAndFeel (nullptr);
 }
 
