@@ -218,8 +218,8 @@ void UnbakeEditor::refresh()
     statusLine.setText (summary, juce::dontSendNotification);
     statusLine.setTooltip (st.line);
 
-    auto show = [this] (Info i, const juce::String& v) {
-        infoValue[i].setText (v.isNotEmpty() ? v : juce::String ("-"), juce::dontSendNotification);  // " ": blank
+    auto show = [this] (Info i, const juce::String& v) { // "" shows "-", " " a blank row
+        infoValue[i].setText (v.isNotEmpty() ? v : juce::String ("-"), juce::dontSendNotification);
         infoValue[i].setTooltip (v);
     };
     show (endpointInfo, st.endpoint);
