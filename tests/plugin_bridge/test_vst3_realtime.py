@@ -70,7 +70,7 @@ class Run:
 
 
 def run_host(host: Path, plugin: Path, endpoint: str, audio: np.ndarray, tmp: Path, params: dict,
-             during=None, timeout_s: float = 150) -> Run:
+             during=None, extra=(), timeout_s: float = 150) -> Run:
     """Plays ``audio`` (float32 [channels, frames]) through ``plugin`` in real time. ``during(start)``, when
     given, runs in this thread once the host has printed the stream's start."""
     inp, outp = tmp / "in.f32", tmp / "out.f32"
@@ -79,6 +79,7 @@ def run_host(host: Path, plugin: Path, endpoint: str, audio: np.ndarray, tmp: Pa
            "--block", str(BLOCK), "--channels", str(audio.shape[0])]
     for name, value in params.items():
         cmd += ["--param", f"{name}={value}"]
+    cmd += list(extra)
     env = dict(os.environ, UNBAKE_ENDPOINT=endpoint, DISPLAY=os.environ.get("DISPLAY") or ":4093")
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -255,3 +256,22 @@ def test_a_stalled_engine_is_late_silence_then_the_stream_resumes(rt_host, plugi
     if run["late_frames"] is None:
         pytest.xfail(MISSING_NODE)
     assert run["late_frames"] == late_idx.size  # the plugin counted exactly the frames it silenced
+
+
+def test_no_engine_in_real_time_is_silence_and_never_blocks(rt_host, plugin_path, tmp_path):
+    """No engine at the endpoint (a missing ipc socket): 3 s in real time, across the plugin's retries
+    (every 2 s, processing suspended while it tries): silence, no latency claimed, no call over 1 ms.
+    With --aux the host enables the plugin's aux output buses (one per stem, where the plugin has them)
+    and writes each; a plugin without any says so."""
+    audio = music(SR, 3.0, seed=4)
+    run = run_host(rt_host, plugin_path, f"ipc://{tmp_path}/nobody-here.sock", audio, tmp_path, {},
+                   extra=["--aux"])
+    assert run["latency_samples"] == 0 and run["frames"] >= audio.shape[1]
+    assert not run.out.any()
+    assert run["calls_over_1ms"] == 0, run.report
+    if run["aux"]:
+        for bus in run["aux"]:
+            data = np.fromfile(bus["path"], dtype="<f4")
+            assert data.size == run["frames"] * bus["channels"] and not data.any()
+    else:
+        assert run["aux_error"] == "the plugin has no aux output bus"
