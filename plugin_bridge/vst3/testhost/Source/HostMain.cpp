@@ -4,6 +4,7 @@
 //   unbake_rt_host --plugin unbake.vst3 --input in.f32 --output out.f32 [--rate 44100] [--block 512]
 //                  [--channels 2] [--state-b64 B64 | --state-file PATH] [--param NAME=TEXT ...]
 //                  [--tail-blocks 16] [--lead-ms 100] [--aux] [--no-fifo] [--no-mlock] [--priority 80]
+//                  [--preroll-speed 1] [--realtime-before-s 3]
 //
 // Input and outputs are raw little-endian float32, interleaved [frames][channels]. The state is what a
 // JUCE host's getStateInformation returns (pedalboard's `raw_state`); --param sets a parameter by its
@@ -11,7 +12,11 @@
 // prepared; a dedicated thread (SCHED_FIFO when the OS allows it, else silently the default policy)
 // sleeps until each block's wall-clock due time (start + b * block / rate) and calls processBlock
 // once per block: the input, then silence for the reported latency plus --tail-blocks blocks. The
-// main thread is JUCE's message thread and dispatches messages meanwhile. Then the output is written
+// main thread is JUCE's message thread and dispatches messages meanwhile. --preroll-speed X (> 1)
+// feeds the blocks whose output lies within the reported latency, up to --realtime-before-s seconds
+// before the first output frame that is not pre-roll, X times faster than the audio rate: their output
+// is the plugin's pre-roll silence whatever the engine does, and a long latency (tens of seconds) then
+// costs a test less wall time; every block from there on is due at the audio rate. Then the output is written
 // (the main bus to --output; with --aux every output bus after the first to OUTPUT.busN), and one
 // JSON line goes to stdout: the timings of the calls (wall clock, steady clock; and the thread's CPU
 // time where POSIX has it), the reported latency, and the plugin's late frames read from its state
@@ -19,8 +24,9 @@
 // null when the plugin's state has no such node).
 //
 // On stderr, before the first block: "unbake_rt_host: stream starts at monotonic T s" (T: the steady
-// clock, CLOCK_MONOTONIC on Linux, as Python's time.monotonic()), so that a test can act at a known
-// stream time.
+// clock, CLOCK_MONOTONIC on Linux, as Python's time.monotonic()): every block b fed at the audio rate is
+// due at T + b * block / rate (with a fast pre-roll T is that of a stream fed at the audio rate from
+// block 0), so that a test can act at a known stream time.
 
 #include <juce_audio_processors/juce_audio_processors.h>
 
@@ -58,7 +64,7 @@ struct Options
     std::vector<std::pair<juce::String, juce::String>> params;
     double rate = 44100.0;
     int block = 512, channels = 2, tailBlocks = 16, priority = 80;
-    double leadMs = 100.0;
+    double leadMs = 100.0, prerollSpeed = 1.0, realtimeBeforeS = 3.0;
     bool aux = false, fifo = true, mlock = true;
 };
 
@@ -97,6 +103,8 @@ Options parse (int argc, char** argv)
         else if (a == "--tail-blocks") o.tailBlocks = (int) number (0, 1 << 20);
         else if (a == "--lead-ms") o.leadMs = number (0, 60000);
         else if (a == "--priority") o.priority = (int) number (1, 99);
+        else if (a == "--preroll-speed") o.prerollSpeed = number (1, 1000);
+        else if (a == "--realtime-before-s") o.realtimeBeforeS = number (0, 3600);
         else if (a == "--state-b64") o.stateB64 = value();
         else if (a == "--state-file") o.stateFile = value();
         else if (a == "--param")
@@ -113,7 +121,8 @@ Options parse (int argc, char** argv)
         {
             std::cout << "usage: unbake_rt_host --plugin X.vst3 --input IN.f32 --output OUT.f32 [--rate R] [--block N]\n"
                          "       [--channels C] [--state-b64 B64 | --state-file PATH] [--param NAME=TEXT ...]\n"
-                         "       [--tail-blocks N] [--lead-ms MS] [--aux] [--no-fifo] [--no-mlock] [--priority P]\n";
+                         "       [--tail-blocks N] [--lead-ms MS] [--aux] [--no-fifo] [--no-mlock] [--priority P]\n"
+                         "       [--preroll-speed X] [--realtime-before-s S]\n";
             std::exit (0);
         }
         else
@@ -363,9 +372,19 @@ int main (int argc, char** argv)
     std::string schedError = "--no-fifo";
     std::atomic<bool> done { false };
     const auto period = std::chrono::duration<double> ((double) B / opt.rate);
+    // blocks fed fast: those whose output is pre-roll, up to realtimeBeforeS before the first stem frame
+    const int64_t fastBlocks = opt.prerollSpeed > 1.0
+                                   ? std::clamp<int64_t> ((int64_t) std::floor ((latency - opt.realtimeBeforeS * opt.rate) / B), 0, blocks)
+                                   : 0;
     const auto start = Clock::now() + std::chrono::microseconds ((int64_t) (opt.leadMs * 1000));
+    // block b is due at origin + b * period once b >= fastBlocks
+    const auto origin = start - std::chrono::duration_cast<Clock::duration> (period * ((double) fastBlocks * (1.0 - 1.0 / opt.prerollSpeed)));
+    auto dueTime = [&] (int64_t b) {
+        return b < fastBlocks ? start + std::chrono::duration_cast<Clock::duration> (period * ((double) b / opt.prerollSpeed))
+                              : origin + std::chrono::duration_cast<Clock::duration> (period * (double) b);
+    };
     {
-        const double startS = std::chrono::duration<double> (start.time_since_epoch()).count();
+        const double startS = std::chrono::duration<double> (origin.time_since_epoch()).count();
         char line[160];
         std::snprintf (line, sizeof line, "unbake_rt_host: stream starts at monotonic %.6f s", startS);
         std::cerr << line << std::endl;
@@ -376,7 +395,7 @@ int main (int argc, char** argv)
             schedError = makeRealtime (opt.priority);
         for (int64_t b = 0; b < blocks; ++b)
         {
-            const auto due = start + std::chrono::duration_cast<Clock::duration> (period * (double) b);
+            const auto due = dueTime (b);
             sleepUntil (due);
             const auto woke = Clock::now();
             buffer.clear();
@@ -495,6 +514,7 @@ int main (int argc, char** argv)
        << ", \"sched\": " << jsonString (schedError.empty() ? "SCHED_FIFO " + std::to_string (opt.priority)
                                                              : "default (" + schedError + ")")
        << ", \"mlock\": " << (locked ? "true" : "false") << ", \"wall_s\": " << num (wallS, 3)
+       << ", \"fast_blocks\": " << fastBlocks << ", \"preroll_speed\": " << num (opt.prerollSpeed, 2)
        << ", \"params\": " << params << ", \"late_frames\": " << lateFrames << ", \"engine_status\": " << status
        << ", \"aux\": " << auxJson << ", \"aux_error\": " << (auxError.isEmpty() ? std::string ("null") : jsonString (auxError))
        << "}";
