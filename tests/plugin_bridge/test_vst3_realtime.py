@@ -1,0 +1,290 @@
+"""The unbake VST3 in real time: ``unbake_rt_host`` (plugin_bridge/vst3/testhost, a JUCE VST3 host built
+here) plays audio through the built plugin at the audio rate, on a SCHED_FIFO thread when the OS allows
+it, and times every processBlock call; the engine is a real process.
+
+What a real-time output must equal. The host sets the plugin to real time, then feeds the input and
+``latency_samples`` + 16 blocks of silence, one block per block period, keeping every output frame (no
+latency compensation). The plugin in real time reports the engine's latency plus one block of its own
+buffering, and its output frame ``latency + k`` is stem frame ``k`` of the stream: the plugin's offline
+output (pedalboard's one-shot, same parameters) of the same frames. A stem frame that is not there when
+its output frame is due is replaced by silence and counted in the plugin's late frames (and the stem frame
+is dropped when it comes: the alignment never shifts). So, frame for frame after the latency: the output
+equals the offline output within 1e-5, or it is exactly silent and counted late.
+
+spleeter-2stems states 34 s of latency (one 34 s window). The blocks whose output is pre-roll silence
+whatever the engine does, up to 3 s before the first stem frame is due, are fed 4x faster than the audio
+rate (``--preroll-speed 4``; the engine only buffers them); from there on every block is due at the audio
+rate. That saves about 26 s per run.
+
+What it shows (a CPU engine, 2 shared cores): the engine runs a window's network only once the window's
+last frame has come, which is when its first stems are due; one block (11.6 ms) of the plugin's own
+buffering does not cover seconds of compute, so the first 1.8 to 6 s of stems come late
+(``test_realtime_engine_keeps_up_nothing_late``, a strict xfail until the plugin's latency has a compute
+margin). The audio thread never waits: every processBlock call stays far under 1 ms.
+
+The plugin's late frames are read from its state: ``<engine_status late_frames=..>``. Where the plugin's
+state has no such node yet, the late frames the output shows (silent where the offline output is not) are
+still asserted, and the comparison with the plugin's own count ends the test as an xfail naming the
+missing node.
+
+The build: install/build_vst3.sh and install/build_vst3_testhost.sh, incremental when their build folders
+exist; the module skips, saying why, when the build dependencies are missing.
+"""
+import gc
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from tests.plugin_bridge.test_vst3 import _start_engine, music, plugin_path, solo  # noqa: F401 (a fixture)
+
+pedalboard = pytest.importorskip("pedalboard")
+
+SR, BLOCK = 44100, 512
+MUSIC_S = 12.0  # the stall test needs some song after the stall and the engine's catch-up
+PREROLL_SPEED = 4
+TOL = 1e-5
+TESTHOST_BUILD = REPO / "plugin_bridge" / "vst3" / "testhost" / "build"
+MISSING_NODE = ("the plugin's state has no <engine_status late_frames=..> node (another change adds it): "
+                "its own count of late frames could not be compared")
+
+
+@pytest.fixture(scope="session")
+def rt_host() -> Path:
+    env = dict(os.environ, UNBAKE_TESTHOST_BUILD=str(TESTHOST_BUILD))
+    proc = subprocess.run(["bash", str(REPO / "install" / "build_vst3_testhost.sh")], env=env, capture_output=True,
+                          text=True, timeout=1800)
+    if proc.returncode != 0:
+        if "missing build dependencies" in proc.stderr:
+            pytest.skip("unbake_rt_host's build dependencies are missing: " + proc.stderr.strip().splitlines()[-1])
+        pytest.fail(f"install/build_vst3_testhost.sh failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    host = Path(proc.stdout.strip().splitlines()[-1])
+    assert host.is_file() and os.access(host, os.X_OK), proc.stdout
+    return host
+
+
+class Run:
+    """One real-time run: the host's JSON report, the output [channels, frames], the stream's start
+    (time.monotonic() of the first block's due time)."""
+
+    def __init__(self, report: dict, out: np.ndarray, start: float, stderr: str):
+        self.report, self.out, self.start, self.stderr = report, out, start, stderr
+
+    def __getitem__(self, key):
+        return self.report[key]
+
+
+def run_host(host: Path, plugin: Path, endpoint: str, audio: np.ndarray, tmp: Path, params: dict,
+             during=None, extra=(), timeout_s: float = 150) -> Run:
+    """Plays ``audio`` (float32 [channels, frames]) through ``plugin`` in real time. ``during(start)``, when
+    given, runs in this thread once the host has printed the stream's start."""
+    inp, outp = tmp / "in.f32", tmp / "out.f32"
+    np.ascontiguousarray(audio.T, dtype="<f4").tofile(inp)
+    cmd = [str(host), "--plugin", str(plugin), "--input", str(inp), "--output", str(outp), "--rate", str(SR),
+           "--block", str(BLOCK), "--channels", str(audio.shape[0]), "--preroll-speed", str(PREROLL_SPEED),
+           "--realtime-before-s", "3"]
+    for name, value in params.items():
+        cmd += ["--param", f"{name}={value}"]
+    cmd += list(extra)
+    env = dict(os.environ, UNBAKE_ENDPOINT=endpoint, DISPLAY=os.environ.get("DISPLAY") or ":4093")
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    lines, started, start = [], threading.Event(), [None]
+
+    def read_stderr():
+        for line in proc.stderr:
+            lines.append(line)
+            if "stream starts at monotonic" in line:
+                start[0] = float(line.split("monotonic")[1].split()[0])
+                started.set()
+        started.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        assert started.wait(60), "the host did not start its stream within 60 s"
+        if during is not None and start[0] is not None:
+            during(start[0])
+        stdout, _ = proc.communicate(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(5)
+    stderr = "".join(lines)
+    assert proc.returncode == 0, f"unbake_rt_host exited with {proc.returncode}:\n{stderr[-3000:]}"
+    report = json.loads(stdout.strip().splitlines()[-1])
+    out = np.fromfile(outp, dtype="<f4").reshape(-1, audio.shape[0]).T
+    assert out.shape[1] == report["frames"]
+    print("unbake_rt_host:", json.dumps({k: report[k] for k in (
+        "latency_samples", "latency_samples_first_prepare", "blocks", "process_max_us", "process_p50_us",
+        "process_p99_us", "process_p999_us", "calls_over_1ms", "slowest_calls", "cpu_max_us", "cpu_p99_us",
+        "wake_late_max_us", "wake_late_p99_us", "overruns", "sched", "mlock", "wall_s", "fast_blocks", "late_frames")}))
+    return Run(report, out, start[0], stderr)
+
+
+@pytest.fixture(scope="module")
+def song() -> np.ndarray:
+    return music(SR, MUSIC_S, seed=21)
+
+
+VOCALS = {"accompaniment_mute": "true"}  # vocals solo (spleeter-2stems: vocals + accompaniment)
+
+
+@pytest.fixture(scope="module")
+def offline(plugin_path, engine_endpoint, song):
+    """``offline(frames)``: the plugin's offline output (pedalboard's one-shot, vocals solo) of ``song``
+    followed by silence, ``frames`` frames long, and its reported latency (cached: both runs need the same)."""
+    cache = {}
+
+    def render(frames: int):
+        if frames not in cache:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("UNBAKE_ENDPOINT", engine_endpoint)
+                p = pedalboard.load_plugin(str(plugin_path))
+                solo(p, "vocals")
+                feed = np.zeros((song.shape[0], frames), np.float32)
+                feed[:, :song.shape[1]] = song
+                cache[frames] = p(feed, SR), p.reported_latency_samples
+                del p
+                gc.collect()
+        return cache[frames]
+
+    return render
+
+
+def compare(run: Run, want: np.ndarray, latency: int):
+    """Frame by frame after the latency: (frames that differ from ``want``, frames silent where ``want`` is
+    not: late, frames that differ without being silent: wrong)."""
+    got = run.out[:, latency:]
+    assert got.shape == want.shape
+    differs = np.abs(got - want).max(0) > TOL
+    silent = ~got.any(0)
+    return differs, silent & want.any(0), differs & ~silent
+
+
+@pytest.fixture(scope="module")
+def realtime(rt_host, plugin_path, engine_endpoint, song, offline, tmp_path_factory):
+    """One real-time run of ``song`` through the plugin (the shared engine, nothing disturbed), compared
+    with the offline output: (run, want, differs, late, wrong)."""
+    run = run_host(rt_host, plugin_path, engine_endpoint, song, tmp_path_factory.mktemp("rt"), VOCALS)
+    want, offline_latency = offline(run["frames"] - run["latency_samples"])
+    differs, late, wrong = compare(run, want, run["latency_samples"])
+    idx = np.flatnonzero(late)
+    print(f"real time vs offline: {int(differs.sum())} frames differ, {idx.size} silent where the offline output "
+          f"is not ({idx.size / SR:.3f} s, stem frames {idx[:1]}..{idx[-1:]}); max |diff| "
+          f"{float(np.abs(run.out[:, run['latency_samples']:] - want).max()):.3g}")
+    return run, want, offline_latency, late, wrong
+
+
+def test_realtime_is_the_offline_output_or_counted_silence(realtime):
+    """Aligned to the frame: after the reported latency every output frame equals the plugin's offline
+    output within 1e-5, or it is silence the plugin counted late; no processBlock call over 1 ms."""
+    run, want, offline_latency, late, wrong = realtime
+    latency = run["latency_samples"]
+    assert latency == offline_latency + BLOCK  # the engine's latency + one block of its own buffering
+    assert not run.out[:, :latency].any()      # the pre-roll is silence
+    assert not wrong.any()                     # every difference is a silenced frame
+    assert run["calls_over_1ms"] == 0, run.report
+    after = slice(int(np.flatnonzero(late)[-1]) + 1 if late.any() else 0, None)
+    assert float(np.abs(run.out[:, latency:][:, after] - want[:, after]).max()) <= TOL
+    assert np.abs(want[:, after]).max() > 0.01  # music, not silence, equal after the late frames
+    if run["late_frames"] is None:
+        pytest.xfail(MISSING_NODE)
+    assert run["late_frames"] == int(late.sum())
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the plugin's real-time latency is the engine's + one block (11.6 ms), but the engine computes a "
+    "segment only once its last frame has come: spleeter-2stems' 34 s window takes seconds on a CPU, and "
+    "the first stems come that much late (measured here: 1.8 to 6.0 s of silence, by the load of the "
+    "machine); a compute margin in the latency the plugin reports would close it"))
+def test_realtime_engine_keeps_up_nothing_late(realtime):
+    run, want, _, late, _ = realtime
+    assert int(late.sum()) == 0, f"{int(late.sum())} stem frames late ({late.sum() / SR:.3f} s)"
+    assert float(np.abs(run.out[:, run["latency_samples"]:] - want).max()) <= TOL
+    if run["late_frames"] is not None:
+        assert run["late_frames"] == 0
+def test_a_stalled_engine_is_late_silence_then_the_stream_resumes(rt_host, plugin_path, spleeter_repo, song,
+                                                                  offline, tmp_path):
+    """The engine stopped (SIGSTOP) for 2 s from 1 s before the first stem frame is due, then continued
+    (SIGCONT). The audio thread never waits: no processBlock call over 1 ms. The stems due while the
+    engine could not answer come out as silence, counted late, and the stream resumes aligned."""
+    endpoint = f"ipc://{tmp_path}/engine.sock"
+    engine = _start_engine(endpoint, spleeter_repo, tmp_path / "engine.log")
+    times = {}
+
+    def stall(start: float):
+        # the first stem frame is due at start + latency / SR; the latency is the engine's + one block
+        due = start + engine_latency_s + BLOCK / SR
+        time.sleep(max(0.0, due - 1.0 - time.monotonic()))
+        os.kill(engine.pid, signal.SIGSTOP)
+        times["stop"] = time.monotonic()
+        time.sleep(2.0)
+        os.kill(engine.pid, signal.SIGCONT)
+        times["cont"] = time.monotonic()
+        times["due"] = due
+
+    try:
+        from plugin_bridge.client import Client
+        with Client(endpoint, autostart=False, timeout_s=60) as client:
+            stream = client.stream("spleeter-2stems", SR, 2)
+            engine_latency = stream.latency_samples
+            engine_latency_s = engine_latency / SR
+            stream.cancel()
+        run = run_host(rt_host, plugin_path, endpoint, song, tmp_path, VOCALS, during=stall)
+    finally:
+        if engine.poll() is None:
+            os.kill(engine.pid, signal.SIGCONT)
+            engine.terminate()
+            engine.wait(timeout=15)
+    latency = run["latency_samples"]
+    assert latency == engine_latency + BLOCK
+    want, _ = offline(run["frames"] - latency)
+    differs, late_in_output, wrong = compare(run, want, latency)
+    late_idx = np.flatnonzero(late_in_output)
+    # the stems due before SIGCONT cannot have come: at least that many frames are late (one block of slack
+    # for when the host's block boundaries fall)
+    must_be_late = int((times["cont"] - times["due"]) * SR) - BLOCK
+    print(f"SIGSTOP {times['stop'] - times['due']:+.3f} s, SIGCONT {times['cont'] - times['due']:+.3f} s from the "
+          f"first stem frame's due time; silent where due: {late_idx.size} frames "
+          f"({late_idx.size / SR:.3f} s, stem frames {late_idx[:1]}..{late_idx[-1:]}), at least {must_be_late} "
+          f"must be; plugin's late frames {run['late_frames']}; processBlock max {run['process_max_us']} us")
+    assert run["calls_over_1ms"] == 0, run.report  # the audio thread never waited for the engine
+    assert not wrong.any()                           # every difference is a silenced frame: aligned throughout
+    assert late_idx.size >= must_be_late > 0
+    # the late frames are one run from the first stem frame; after it the stems are back, to the end
+    assert late_idx[0] == 0 and late_idx[-1] == late_idx.size - 1
+    resumed = slice(late_idx.size, song.shape[1])
+    assert song.shape[1] - late_idx.size > SR // 2  # some of the song after the stall
+    assert float(np.abs(run.out[:, latency:][:, resumed] - want[:, resumed]).max()) <= TOL
+    assert np.abs(want[:, resumed]).max() > 0.01  # not silence
+    if run["late_frames"] is None:
+        pytest.xfail(MISSING_NODE)
+    assert run["late_frames"] == late_idx.size  # the plugin counted exactly the frames it silenced
+
+
+def test_no_engine_in_real_time_is_silence_and_never_blocks(rt_host, plugin_path, tmp_path):
+    """No engine at the endpoint (a missing ipc socket): 3 s in real time, across the plugin's retries
+    (every 2 s, processing suspended while it tries): silence, no latency claimed, no call over 1 ms.
+    With --aux the host enables the plugin's aux output buses (one per stem, where the plugin has them)
+    and writes each; a plugin without any says so."""
+    audio = music(SR, 3.0, seed=4)
+    run = run_host(rt_host, plugin_path, f"ipc://{tmp_path}/nobody-here.sock", audio, tmp_path, {},
+                   extra=["--aux"])
+    assert run["latency_samples"] == 0 and run["frames"] >= audio.shape[1]
+    assert not run.out.any()
+    assert run["calls_over_1ms"] == 0, run.report
+    if run["aux"]:
+        for bus in run["aux"]:
+            data = np.fromfile(bus["path"], dtype="<f4")
+            assert data.size == run["frames"] * bus["channels"] and not data.any()
+    else:
+        assert run["aux_error"] == "the plugin has no aux output bus"
