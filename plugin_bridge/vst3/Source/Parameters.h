@@ -44,7 +44,7 @@ inline const char* kStatusNode = "engine_status";
 // rule; open request options of engine/protocol.py). Each 1 s segment (a quarter overlapping the
 // next) is separated in a network window that reaches context_s back over audio already received
 // (no latency) and lookahead_s past the segment's end, so the latency is about a segment plus the
-// lookahead (spleeter-2stems: 63944 samples at 44.1 kHz, 69974 at 48 kHz) instead of the centred
+// lookahead (spleeter-2stems: 55124 samples at 44.1 kHz, 60374 at 48 kHz) instead of the centred
 // rule's 34 s; and a closed track equals a stream of it followed by silence, so a host's one-shot
 // render equals Client.separate(audio, sr, model, **these options).
 // tests/plugin_bridge/test_vst3.py (PLUGIN_OPTIONS) states the same four values.
@@ -56,7 +56,16 @@ struct SessionOption
 inline constexpr std::array<SessionOption, 4> kSessionOptions { { { "segment_s", 1.0 },
                                                                   { "overlap", 0.25 },
                                                                   { "context_s", 4.0 },
-                                                                  { "lookahead_s", 0.45 } } };
+                                                                  { "lookahead_s", 0.25 } } };
+
+// In real time the plugin adds its own buffering to the engine's latency: the time the engine has
+// to compute a segment once its window's last frame has come (spleeter-2stems' 5.9 s window: about
+// 0.18 s on 2 desktop CPU cores, a few ms on a GPU). At least one block. With the options above the
+// real-time latency stays under 1.5 s (44.1 kHz: 55124 + 10584 = 65708 samples, 1490 ms). The
+// state's "realtime_margin_ms" overrides it (0 to 5000 ms: a GPU engine needs less, a slow CPU more).
+inline constexpr double kRealtimeMarginS = 0.24;
+inline constexpr double kMaxRealtimeMarginS = 5.0;
+inline const char* kRealtimeMarginProperty = "realtime_margin_ms";
 
 // Linear gain of a stem the model returns, from the parameters (not real-time: call off the audio
 // thread or with the raw atomics, see PluginProcessor::stemGains).

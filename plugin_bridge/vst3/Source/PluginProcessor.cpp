@@ -2,6 +2,7 @@
 #include "PluginEditor.h"
 
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <thread>
 
@@ -183,6 +184,9 @@ void UnbakeProcessor::takeSettings (const juce::ValueTree& state)
         endpointValue = e;
         engineCommandValue = c;
     }
+    const auto& margin = state.getProperty (kRealtimeMarginProperty);
+    const double ms = margin.isVoid() ? kRealtimeMarginS * 1000.0 : (double) margin;
+    realtimeMarginS = std::isfinite (ms) ? juce::jlimit (0.0, kMaxRealtimeMarginS, ms / 1000.0) : kRealtimeMarginS;
     if (changed)
         needsNewSession = true;
 }
@@ -254,11 +258,12 @@ void UnbakeProcessor::openSession (double sampleRate, int channels, bool byHost)
         stemParamIndex[(size_t) s] = stemIndex (info.stems[(size_t) s]);
         hasAccompanimentStem |= stemParamIndex[(size_t) s] == kAccompaniment;
     }
-    // own buffering: none offline (the block waits for its stems); in real time one block more,
-    // so that the engine's reply has a block's time to come back
-    const int own = isNonRealtime() ? 0 : getBlockSize();
+    // own buffering: none offline (the block waits for its stems); in real time the compute margin
+    // (kRealtimeMarginS), at least one block, so that the engine's reply has time to come back
+    const int own = isNonRealtime() ? 0 : std::max (getBlockSize(), (int) std::lround (realtimeMarginS.load() * sampleRate));
     const int latency = info.ok ? info.latencySamples + own : 0;
     preRollLeft = latency;
+    sessionLatency = latency;
     setLatencySamples (latency);
     // last: the audio thread reads the session's fields after this flag. A model that changed
     // while this one opened asks for another session.
@@ -291,6 +296,11 @@ void UnbakeProcessor::reset()
     {
         reopenNotBeforeMs = nowMs() + kResetGraceMs;
         needsNewSession = true;
+    }
+    else if (sessionOk) // nothing sent yet: the same session, its stream from the start again
+    {
+        preRollLeft = sessionLatency;
+        debt = 0;
     }
 }
 
@@ -408,6 +418,28 @@ void UnbakeProcessor::outputStems (juce::AudioBuffer<float>& buffer, int start, 
     }
 }
 
+// A stream starts at its first non-silent frame: the digital silence a host plays before it
+// (a DAW's pre-roll, the transport started before a region, an export's run-up) is not sent, and
+// comes out as silence, one more frame of pre-roll each. So the engine's segment grid starts with
+// the audio and a render does not depend on where the host started playing: a region exported
+// from a DAW equals Client.separate of the region. Returns the frames of [start, start + n) skipped.
+int UnbakeProcessor::skipSilence (const juce::AudioBuffer<float>& buffer, int start, int n) noexcept
+{
+    if (framesPushed > 0)
+        return 0;
+    int k = 0;
+    for (; k < n; ++k)
+    {
+        bool silent = true;
+        for (int c = 0; c < sessionChannels && silent; ++c)
+            silent = buffer.getSample (c, start + k) == 0.0f;
+        if (! silent)
+            break;
+    }
+    preRollLeft += k;
+    return k;
+}
+
 void UnbakeProcessor::renderOffline (juce::AudioBuffer<float>& buffer)
 {
     std::array<float, EngineClient::kMaxStems> gains {};
@@ -417,7 +449,8 @@ void UnbakeProcessor::renderOffline (juce::AudioBuffer<float>& buffer)
     for (int start = 0; start < n;)
     {
         const int piece = std::min (n - start, EngineClient::kFifoFrames / 4);
-        for (int written = 0; written < piece;)
+        const int skipped = skipSilence (buffer, start, piece);
+        for (int written = skipped; written < piece;)
         {
             written += engine.writeInput (buffer.getArrayOfReadPointers(), sessionChannels, start + written, piece - written);
             if (written < piece)
@@ -431,7 +464,7 @@ void UnbakeProcessor::renderOffline (juce::AudioBuffer<float>& buffer)
                 std::this_thread::sleep_for (std::chrono::microseconds (100));
             }
         }
-        framesPushed += piece;
+        framesPushed += piece - skipped;
         outputStems (buffer, start, piece, gains.data(), true, deadline);
         start += piece;
     }
@@ -443,10 +476,11 @@ void UnbakeProcessor::renderRealtime (juce::AudioBuffer<float>& buffer)
     std::array<float, EngineClient::kMaxStems> gains {};
     computeGains (gains.data());
     const int n = buffer.getNumSamples();
-    const int written = engine.writeInput (buffer.getArrayOfReadPointers(), sessionChannels, 0, n);
+    const int skipped = skipSilence (buffer, 0, n);
+    const int written = engine.writeInput (buffer.getArrayOfReadPointers(), sessionChannels, skipped, n - skipped);
     framesPushed += written;
-    if (written < n)
-        late += n - written; // input the engine will never see (FIFO full): counted
+    if (written < n - skipped)
+        late += n - skipped - written; // input the engine will never see (FIFO full): counted
     outputStems (buffer, 0, n, gains.data(), false, 0.0);
 }
 
@@ -483,6 +517,7 @@ void UnbakeProcessor::getStateInformation (juce::MemoryBlock& destData)
     auto state = params.copyState();
     state.setProperty (kEndpointProperty, endpointSetting(), nullptr);
     state.setProperty (kEngineCommandProperty, engineCommandSetting(), nullptr);
+    state.setProperty (kRealtimeMarginProperty, realtimeMarginS.load() * 1000.0, nullptr);
     auto xml = state.createXml();
     if (xml == nullptr)
         return;

@@ -76,6 +76,7 @@ private:
     bool sessionStale (double rate) const; // under sessionMutex
     void sessionLoop();
     void computeGains (float* gains) const noexcept;
+    int skipSilence (const juce::AudioBuffer<float>& buffer, int start, int n) noexcept;
     void renderOffline (juce::AudioBuffer<float>& buffer);
     void renderRealtime (juce::AudioBuffer<float>& buffer);
     void outputStems (juce::AudioBuffer<float>& buffer, int start, int n, const float* gains, bool wait,
@@ -92,6 +93,7 @@ private:
     // the settings of the state (endpoint, engine_command), readable from any thread
     mutable std::mutex settingsMutex;
     juce::String endpointValue, engineCommandValue;
+    std::atomic<double> realtimeMarginS { kRealtimeMarginS }; // the state's realtime_margin_ms, else the default
 
     // the last open's answer, for engineStatus() (never touched by the audio thread)
     mutable std::mutex infoMutex;
@@ -116,7 +118,9 @@ private:
     std::thread sessionThread; // last: started when everything above exists
 
     // stream position (audio thread)
-    int64_t preRollLeft = 0;   // output frames of silence before stem frame 0 (the reported latency)
+    int64_t preRollLeft = 0;   // output frames of silence before stem frame 0 (the reported latency
+                               // + the stream's leading digital silence, never sent: skipSilence)
+    int sessionLatency = 0;    // the latency reported for this session
     int64_t debt = 0;          // stem frames owed: replaced by silence when late, dropped when they come
     std::atomic<int64_t> late { 0 };
 
