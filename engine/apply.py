@@ -14,9 +14,11 @@ A segment of n frames (n < segment only near the end) is fed to the network as a
 ``TensorChunk.padded``) or "reflect" (the track mirrored at its ends, ``numpy.pad(mode="reflect")``,
 repeated for windows longer than the track; for networks that go wrong on digital silence, see
 ``engine.models.spleeter``). Past the end, reflection is only used once the track is closed, when
-the end is known, so streaming still equals offline; under the past-context rule (``context_s`` /
-``lookahead_s``, a live stream's rule) never: there a closed track gives exactly what a stream of it
-followed by silence gives, which is all a plugin ever sees. The output is centre-trimmed back to n frames,
+the end is known, so streaming still equals offline. Under the past-context rule (``context_s`` /
+``lookahead_s``, a live stream's rule) the end is never used: a window holds zeros past it, and a
+"reflect" model's window fills its trailing run of exact zeros with the audio before it mirrored
+(a rule on the window's own frames). So a closed track gives exactly what a stream of it followed
+by silence gives, which is all a plugin ever sees. The output is centre-trimmed back to n frames,
 weighted by a triangle window (peak in the middle, ``** transition_power``) and overlap-added; the sum
 is divided by the summed weights.
 
@@ -281,6 +283,24 @@ class OverlapAdd:
             return
         out[:, :lo - start].zero_()
         out[:, hi - start:].zero_()
+        if self.pad_mode == "reflect" and self.past_context:
+            self._mirror_trailing_silence(out)
+
+    @staticmethod
+    def _mirror_trailing_silence(out: torch.Tensor) -> None:
+        """A live stream's windows (the past-context rule) never learn where the track ends; what
+        they see past it is the silence a host sends. For a "reflect" model that silence is filled
+        as a closed end would be: the window's trailing run of exact zeros (every channel) holds the
+        audio before it mirrored (``numpy.pad(mode="reflect")`` of the window up to its last
+        non-zero frame). It depends only on the window's frames, so a closed track, a stream of it
+        followed by silence, and any chunking of either give the same windows."""
+        # out: [channels, window]
+        nonzero = torch.nonzero(out.abs().amax(dim=0)).flatten()
+        if nonzero.numel() == 0:
+            return
+        z = int(nonzero[-1]) + 1  # frames [z, window) are silent
+        if z < out.shape[1]:
+            out[:, z:] = out[:, reflect_index(torch.arange(z, out.shape[1]), z)]
 
     def _copy(self, lo: int, hi: int, out: torch.Tensor) -> None:
         """Copy track frames [lo, hi) (within the input received) into ``out`` [channels, hi - lo]."""

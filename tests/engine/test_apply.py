@@ -288,6 +288,33 @@ def test_past_context_closed_track_equals_a_stream_of_it_then_silence(length, co
     assert torch.max(torch.abs(live[..., :length] - offline)).item() < 1e-6
 
 
+@pytest.mark.parametrize("length", [1, 2, 37, 700, 2500])
+def test_past_context_reflect_windows_mirror_their_trailing_silence(length, monkeypatch):
+    """A "reflect" model's past-context windows: the trailing run of exact zeros (past a closed end,
+    or the silence a host sends after the track) holds numpy.pad(mode="reflect") of the window up to
+    its last non-zero frame; "zeros" models keep the zeros."""
+    from engine.apply import OverlapAdd
+    mix = torch.randn(2, length, generator=torch.Generator().manual_seed(length))
+
+    def last_window(pad_mode):
+        runner = OverlapAdd(WindowMeanSeparator(800, pad_mode), 800, 600, context_frames=1000, lookahead_frames=100)
+        last = runner.take(mix, final=True)[-1]
+        window = torch.empty(2, last.w)
+        runner.fill_window(last, window)
+        return last, window
+
+    last, zeros = last_window("zeros")
+    assert float(zeros[:, length - last.start:].abs().max()) == 0.0  # past the end
+    mirrored = last_window("reflect")[1]
+    with monkeypatch.context() as m:
+        m.setattr(OverlapAdd, "_mirror_trailing_silence", staticmethod(lambda out: None))
+        raw = last_window("reflect")[1]
+    z = length - last.start  # the window's frames [z, w) are past the track's end
+    assert float(raw[:, z:].abs().max()) == 0.0 and float(raw[:, z - 1].abs().max()) > 0
+    expected = np.pad(raw[:, :z].numpy(), ((0, 0), (0, last.w - z)), mode="reflect")
+    assert np.array_equal(mirrored.numpy(), expected)
+
+
 def test_centred_rule_still_mirrors_at_a_closed_end():
     """Offline (the centred rule) keeps mirroring past a closed end (issue 11's short clips)."""
     model = ReflectConvSeparator(1000, pad=300)
