@@ -46,6 +46,9 @@ if mode == "create" or mode == "create-bare" then
 	local tl = s:new_audio_track (2, 2, nil, 1, "song", ARDOUR.PresentationInfo.max_order, ARDOUR.TrackMode.Normal, true)
 	if tl:size () ~= 1 then fail ("new_audio_track") end
 	local track = tl:front ()
+	-- strict I/O, as the GUI's add-track dialog sets it by default (new_audio_track leaves it off): the
+	-- plugin's outputs follow the track's two channels, its other output busses (if any) stay inactive
+	track:set_strict_io (true)
 	-- the track into the master bus, now (the session's auto-connect runs in a thread of its own,
 	-- maybe after this script has saved)
 	local out = track:output ()

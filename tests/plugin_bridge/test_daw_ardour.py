@@ -76,6 +76,11 @@ def home(tmp_path_factory, plugin_path, ardour) -> Path:  # noqa: F811
     VST3 cache) and the float WAV export preset."""
     home = tmp_path_factory.mktemp("ardour-home")
     shutil.copytree(plugin_path, home / ".vst3" / "unbake.vst3")
+    # Ardour takes a VST3 cache entry only when it is newer than the module: a plugin built this very
+    # second would be skipped ("no VST3 plugin named unbake"), so the copy is dated a minute back
+    past = time.time() - 60
+    for f in (home / ".vst3").rglob("*"):
+        os.utime(f, (past, past))
     export = home / "config" / "ardour7" / "export"
     export.mkdir(parents=True)
     (export / "unbake-float.preset").write_text(f"""<?xml version="1.0" encoding="UTF-8"?>
@@ -238,7 +243,8 @@ def exported(home, song, engine_endpoint, tmp_path_factory):
         padded = np.concatenate([song, np.zeros((2, latency), np.float32)], axis=1)
         stems = client.separate(padded, SR, MODEL, **SEPARATE_OPTIONS)
     want = {name: stems[name][:, :song.shape[1]] for name in stems.stems}
-    return {"out": out, "made": made, "back": back, "want": want, "latency": latency, "seconds": took}
+    return {"out": out, "made": made, "back": back, "want": want, "latency": latency, "seconds": took,
+            "session": session}
 
 
 def test_ardour_hosts_unbake_and_compensates_its_latency(exported, song):
@@ -251,6 +257,11 @@ def test_ardour_hosts_unbake_and_compensates_its_latency(exported, song):
           f"{reported} (engine {latency} + one block {block}); export lag {lag} frames; max |export - vocals| "
           f"{diff:.3g} (stem peak {float(np.abs(want['vocals']).max()):.3g}), SNR {snr_db(want['vocals'], back):.1f} dB "
           f"vs vocals, {snr_db(want['accompaniment'], back):.1f} dB vs accompaniment")
+    # the track is strict I/O (as Ardour's add-track dialog makes it): the plugin's outputs are the
+    # track's two channels (without it, Ardour maps and activates every output bus a plugin has)
+    insert = next(p for p in ET.parse(exported["session"] / "unbake.ardour").getroot().iter("Processor")
+                  if p.get("type") == "vst3" and p.get("name") == "unbake")
+    assert insert.find("ConfiguredOutput/Channels").get("count") == "2"
     # the plugin reports the engine's latency plus its own real-time block, and Ardour read it
     assert reported == latency + block
     # the export: the song's length, aligned with the stem to the frame (Ardour compensated 34 s)
