@@ -4,7 +4,8 @@
 #   bash install/install.sh            # runtime only, into ./.venv
 #   bash install/install.sh --test     # plus pytest, hypothesis and jsonschema, and (as root, on
 #                                      # Debian/Ubuntu) audacity, xvfb, xdotool for the Audacity
-#                                      # tests; the VST3 built in place for its tests
+#                                      # tests and ardour for the Ardour test; the VST3 built in
+#                                      # place for its tests
 #   bash install/install.sh --plugin   # plus the VST3, built and copied into ~/.vst3
 #   UNBAKE_VENV=/path/to/venv bash install/install.sh
 #
@@ -33,6 +34,19 @@ if [ -n "$extras" ] && ! { command -v audacity && command -v Xvfb && command -v 
     "${apt_install[@]}" >&2 || { apt-get update -q >&2 && "${apt_install[@]}" >&2; }
   else
     echo "unbake: audacity, Xvfb or xdotool missing: the Audacity tests will skip (install them as root)" >&2
+  fi
+fi
+
+# The Ardour test runs the real Ardour 7 headless (Debian's package: ardour7-lua, the dummy audio
+# backend, VST3 support; ~210 MB, without the video timeline it recommends, which pulls in ffmpeg).
+if [ -n "$extras" ] && ! command -v ardour7-lua >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "unbake: installing ardour (for the Ardour test)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt_install=(apt-get install -y -q --no-install-recommends ardour)
+    "${apt_install[@]}" >&2 || { apt-get update -q >&2 && "${apt_install[@]}" >&2; }
+  else
+    echo "unbake: ardour7-lua missing: the Ardour test will skip (install ardour as root)" >&2
   fi
 fi
 
