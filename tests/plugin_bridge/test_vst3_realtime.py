@@ -4,28 +4,22 @@ it, and times every processBlock call; the engine is a real process.
 
 What a real-time output must equal. The host sets the plugin to real time, then feeds the input and
 ``latency_samples`` + 16 blocks of silence, one block per block period, keeping every output frame (no
-latency compensation). The plugin in real time reports the engine's latency plus one block of its own
-buffering, and its output frame ``latency + k`` is stem frame ``k`` of the stream: the plugin's offline
-output (pedalboard's one-shot, same parameters) of the same frames. A stem frame that is not there when
-its output frame is due is replaced by silence and counted in the plugin's late frames (and the stem frame
-is dropped when it comes: the alignment never shifts). So, frame for frame after the latency: the output
-equals the offline output within 1e-5, or it is exactly silent and counted late.
+latency compensation). The plugin in real time reports the engine's latency plus its own buffering (its
+compute margin, ``realtime_margin_ms``; 1 s here, ``MARGIN_MS``), and its output frame ``latency + k`` is
+stem frame ``k`` of the stream: the plugin's offline output (pedalboard's one-shot, same parameters) of
+the same frames. A stem frame that is not there when its output frame is due is replaced by silence and
+counted in the plugin's late frames (and the stem frame is dropped when it comes: the alignment never
+shifts). So, frame for frame after the latency: the output equals the offline output within 1e-5, or it
+is exactly silent and counted late.
 
-spleeter-2stems states 34 s of latency (one 34 s window). The blocks whose output is pre-roll silence
-whatever the engine does, up to 3 s before the first stem frame is due, are fed 4x faster than the audio
-rate (``--preroll-speed 4``; the engine only buffers them); from there on every block is due at the audio
-rate. That saves about 26 s per run.
+The blocks whose output is pre-roll silence whatever the engine does, up to 3 s before the first stem
+frame is due, are fed 4x faster than the audio rate (``--preroll-speed 4``; the engine only buffers them);
+from there on every block is due at the audio rate.
 
-What it shows (a CPU engine, 2 shared cores): the engine runs a window's network only once the window's
-last frame has come, which is when its first stems are due; one block (11.6 ms) of the plugin's own
-buffering does not cover seconds of compute, so the first 1.8 to 6 s of stems come late
-(``test_realtime_engine_keeps_up_nothing_late``, a strict xfail until the plugin's latency has a compute
-margin). The audio thread never waits: every processBlock call stays far under 1 ms.
-
-The plugin's late frames are read from its state: ``<engine_status late_frames=..>``. Where the plugin's
-state has no such node yet, the late frames the output shows (silent where the offline output is not) are
-still asserted, and the comparison with the plugin's own count ends the test as an xfail naming the
-missing node.
+What it shows: with the margin, the engine keeps up and the real-time output is the offline output
+exactly (``test_realtime_engine_keeps_up_nothing_late``); an engine stopped for 2 s gives late silence,
+counted to the frame by the plugin's ``<engine_status late_frames=..>`` (read from its state), and the
+stream resumes aligned. The audio thread never waits: every processBlock call stays under 1 ms.
 
 The build: install/build_vst3.sh and install/build_vst3_testhost.sh, incremental when their build folders
 exist; the module skips, saying why, when the build dependencies are missing.
@@ -43,18 +37,23 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
-from tests.plugin_bridge.test_vst3 import PLUGIN_OPTIONS, _start_engine, music, plugin_path, solo  # noqa: F401
+from tests.plugin_bridge.test_vst3 import (PLUGIN_OPTIONS, _start_engine, music, plugin_path, solo,  # noqa: F401
+                                           with_plugin_state)
 
 pedalboard = pytest.importorskip("pedalboard")
 
 SR, BLOCK = 44100, 512
-OWN = max(BLOCK, round(0.24 * SR))  # the plugin's own buffering in real time (Parameters.h kRealtimeMarginS)
+# The plugin's own buffering in real time: its compute margin (state "realtime_margin_ms"; default 240 ms,
+# Parameters.h kRealtimeMarginS). Here 1 s: this machine's 2 cores run the engine, the host's SCHED_FIFO
+# audio thread and the test at once; a segment's forward pass (5.9 s window) takes 0.18 s alone and up to
+# 0.8 s under that load, and the default margin left 0.04 s of stems late in a run here.
+MARGIN_MS = 1000
+OWN = max(BLOCK, round(MARGIN_MS / 1000 * SR))
 MUSIC_S = 12.0  # the stall test needs some song after the stall and the engine's catch-up
 PREROLL_SPEED = 4
 TOL = 1e-5
 TESTHOST_BUILD = REPO / "plugin_bridge" / "vst3" / "testhost" / "build"
-MISSING_NODE = ("the plugin's state has no <engine_status late_frames=..> node (another change adds it): "
-                "its own count of late frames could not be compared")
+MISSING_NODE = "the plugin's state has no <engine_status late_frames=..> node"
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +79,19 @@ class Run:
 
     def __getitem__(self, key):
         return self.report[key]
+
+
+@pytest.fixture(scope="module")
+def margin_state(plugin_path, tmp_path_factory) -> Path:
+    """A state file (pedalboard's raw_state, what a JUCE host saves) with realtime_margin_ms = MARGIN_MS."""
+    path = tmp_path_factory.mktemp("state") / "margin.state"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UNBAKE_ENDPOINT", f"ipc://{path.parent}/nobody.sock")
+        p = pedalboard.load_plugin(str(plugin_path))
+        path.write_bytes(with_plugin_state(p.raw_state, lambda e: e.set("realtime_margin_ms", str(MARGIN_MS))))
+        del p
+        gc.collect()
+    return path
 
 
 def run_host(host: Path, plugin: Path, endpoint: str, audio: np.ndarray, tmp: Path, params: dict,
@@ -126,9 +138,21 @@ def run_host(host: Path, plugin: Path, endpoint: str, audio: np.ndarray, tmp: Pa
     assert out.shape[1] == report["frames"]
     print("unbake_rt_host:", json.dumps({k: report[k] for k in (
         "latency_samples", "latency_samples_first_prepare", "blocks", "process_max_us", "process_p50_us",
-        "process_p99_us", "process_p999_us", "calls_over_1ms", "slowest_calls", "cpu_max_us", "cpu_p99_us",
+        "process_p99_us", "process_p999_us", "calls_over_1ms", "voluntary_switches",
+        "involuntary_switches", "slowest_calls", "cpu_max_us", "cpu_p99_us",
         "wake_late_max_us", "wake_late_p99_us", "overruns", "sched", "mlock", "wall_s", "fast_blocks", "late_frames")}))
     return Run(report, out, start[0], stderr)
+
+
+def assert_never_waits(run: Run) -> None:
+    """No processBlock call waited or worked for 1 ms: none switched context voluntarily (waiting on a
+    lock held elsewhere, a sleep or I/O would) and none used over 1 ms of CPU. Wall time is printed
+    (``process_max_us``, ``calls_over_1ms``) but not the bar: on this shared 2-core VM a SCHED_FIFO thread
+    still loses the CPU now and then with no context switch counted (measured: 377 us of wall time for
+    72 us of CPU; once 1.66 ms), which no plugin code can prevent."""
+    assert run["voluntary_switches"] == 0, run.report
+    assert run["cpu_calls_over_1ms"] == 0, run.report
+    assert run["cpu_max_us"] < 1000, run.report
 
 
 @pytest.fixture(scope="module")
@@ -172,10 +196,11 @@ def compare(run: Run, want: np.ndarray, latency: int):
 
 
 @pytest.fixture(scope="module")
-def realtime(rt_host, plugin_path, engine_endpoint, song, offline, tmp_path_factory):
+def realtime(rt_host, plugin_path, engine_endpoint, song, offline, margin_state, tmp_path_factory):
     """One real-time run of ``song`` through the plugin (the shared engine, nothing disturbed), compared
     with the offline output: (run, want, differs, late, wrong)."""
-    run = run_host(rt_host, plugin_path, engine_endpoint, song, tmp_path_factory.mktemp("rt"), VOCALS)
+    run = run_host(rt_host, plugin_path, engine_endpoint, song, tmp_path_factory.mktemp("rt"), VOCALS,
+                   extra=["--state-file", str(margin_state)])
     want, offline_latency = offline(run["frames"] - run["latency_samples"])
     differs, late, wrong = compare(run, want, run["latency_samples"])
     idx = np.flatnonzero(late)
@@ -193,12 +218,11 @@ def test_realtime_is_the_offline_output_or_counted_silence(realtime):
     assert latency == offline_latency + OWN  # the engine's latency + its own buffering (the compute margin)
     assert not run.out[:, :latency].any()      # the pre-roll is silence
     assert not wrong.any()                     # every difference is a silenced frame
-    assert run["calls_over_1ms"] == 0, run.report
+    assert_never_waits(run)
     after = slice(int(np.flatnonzero(late)[-1]) + 1 if late.any() else 0, None)
     assert float(np.abs(run.out[:, latency:][:, after] - want[:, after]).max()) <= TOL
     assert np.abs(want[:, after]).max() > 0.01  # music, not silence, equal after the late frames
-    if run["late_frames"] is None:
-        pytest.xfail(MISSING_NODE)
+    assert run["late_frames"] is not None, MISSING_NODE
     assert run["late_frames"] == int(late.sum())
 
 
@@ -206,10 +230,9 @@ def test_realtime_engine_keeps_up_nothing_late(realtime):
     run, want, _, late, _ = realtime
     assert int(late.sum()) == 0, f"{int(late.sum())} stem frames late ({late.sum() / SR:.3f} s)"
     assert float(np.abs(run.out[:, run["latency_samples"]:] - want).max()) <= TOL
-    if run["late_frames"] is not None:
-        assert run["late_frames"] == 0
+    assert run["late_frames"] == 0
 def test_a_stalled_engine_is_late_silence_then_the_stream_resumes(rt_host, plugin_path, spleeter_repo, song,
-                                                                  offline, tmp_path):
+                                                                  offline, margin_state, tmp_path):
     """The engine stopped (SIGSTOP) for 2 s from 1 s before the first stem frame is due, then continued
     (SIGCONT). The audio thread never waits: no processBlock call over 1 ms. The stems due while the
     engine could not answer come out as silence, counted late, and the stream resumes aligned."""
@@ -235,7 +258,8 @@ def test_a_stalled_engine_is_late_silence_then_the_stream_resumes(rt_host, plugi
             engine_latency = stream.latency_samples
             engine_latency_s = engine_latency / SR
             stream.cancel()
-        run = run_host(rt_host, plugin_path, endpoint, song, tmp_path, VOCALS, during=stall)
+        run = run_host(rt_host, plugin_path, endpoint, song, tmp_path, VOCALS, during=stall,
+                       extra=["--state-file", str(margin_state)])
     finally:
         if engine.poll() is None:
             os.kill(engine.pid, signal.SIGCONT)
@@ -253,17 +277,18 @@ def test_a_stalled_engine_is_late_silence_then_the_stream_resumes(rt_host, plugi
           f"first stem frame's due time; silent where due: {late_idx.size} frames "
           f"({late_idx.size / SR:.3f} s, stem frames {late_idx[:1]}..{late_idx[-1:]}), at least {must_be_late} "
           f"must be; plugin's late frames {run['late_frames']}; processBlock max {run['process_max_us']} us")
-    assert run["calls_over_1ms"] == 0, run.report  # the audio thread never waited for the engine
+    assert_never_waits(run)  # the audio thread never waited for the engine
     assert not wrong.any()                           # every difference is a silenced frame: aligned throughout
     assert late_idx.size >= must_be_late > 0
-    # the late frames are one run from the first stem frame; after it the stems are back, to the end
-    assert late_idx[0] == 0 and late_idx[-1] == late_idx.size - 1
-    resumed = slice(late_idx.size, song.shape[1])
-    assert song.shape[1] - late_idx.size > SR // 2  # some of the song after the stall
+    # the late frames start at the first stem frame; while the engine works off its backlog a segment's
+    # stems may come in time and the next one's late (one forward pass after the other), so they need not
+    # be one run; after the last of them the stems are back, to the end
+    assert late_idx[0] == 0
+    resumed = slice(int(late_idx[-1]) + 1, song.shape[1])
+    assert song.shape[1] - resumed.start > SR // 2  # some of the song after the stall
     assert float(np.abs(run.out[:, latency:][:, resumed] - want[:, resumed]).max()) <= TOL
     assert np.abs(want[:, resumed]).max() > 0.01  # not silence
-    if run["late_frames"] is None:
-        pytest.xfail(MISSING_NODE)
+    assert run["late_frames"] is not None, MISSING_NODE
     assert run["late_frames"] == late_idx.size  # the plugin counted exactly the frames it silenced
 
 
@@ -277,7 +302,7 @@ def test_no_engine_in_real_time_is_silence_and_never_blocks(rt_host, plugin_path
                    extra=["--aux"])
     assert run["latency_samples"] == 0 and run["frames"] >= audio.shape[1]
     assert not run.out.any()
-    assert run["calls_over_1ms"] == 0, run.report
+    assert_never_waits(run)
     if run["aux"]:
         for bus in run["aux"]:
             data = np.fromfile(bus["path"], dtype="<f4")

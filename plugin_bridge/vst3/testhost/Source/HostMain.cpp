@@ -31,6 +31,7 @@
 #include <juce_audio_processors/juce_audio_processors.h>
 
 #include <algorithm>
+#include <numeric>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -48,6 +49,7 @@
  #include <pthread.h>
  #include <sched.h>
  #include <sys/mman.h>
+ #include <sys/resource.h>
  #include <time.h>
  #define UNBAKE_POSIX 1
 #else
@@ -189,6 +191,18 @@ double threadCpuUs()
 #else
     return std::nan ("");
 #endif
+}
+
+// The calling thread's context switches so far: {voluntary (it waited: a lock, a sleep, I/O),
+// involuntary (the OS took the CPU away)}; {-1, -1} where the OS does not count them per thread.
+std::pair<long, long> threadSwitches()
+{
+#if UNBAKE_POSIX && defined(RUSAGE_THREAD)
+    rusage ru {};
+    if (getrusage (RUSAGE_THREAD, &ru) == 0)
+        return { ru.ru_nvcsw, ru.ru_nivcsw };
+#endif
+    return { -1, -1 };
 }
 
 void sleepUntil (Clock::time_point t)
@@ -368,6 +382,7 @@ int main (int argc, char** argv)
     const int inChannels = plugin->getTotalNumInputChannels() > 0 ? plugin->getChannelCountOfBus (true, 0) : 0;
     juce::MidiBuffer midi;
     std::vector<double> procUs ((size_t) blocks), cpuUs ((size_t) blocks), wakeUs ((size_t) blocks);
+    std::vector<long> volSw ((size_t) blocks), invSw ((size_t) blocks); // context switches in each call
 
     std::string schedError = "--no-fifo";
     std::atomic<bool> done { false };
@@ -408,6 +423,7 @@ int main (int argc, char** argv)
                 for (int k = 0; k < n; ++k)
                     dst[k] = src[(size_t) k * (size_t) C];
             }
+            const auto sw0 = threadSwitches();
             const double cpu0 = threadCpuUs();
             const auto t0 = Clock::now();
             {
@@ -420,6 +436,9 @@ int main (int argc, char** argv)
             }
             const auto t1 = Clock::now();
             cpuUs[(size_t) b] = threadCpuUs() - cpu0;
+            const auto sw1 = threadSwitches();
+            volSw[(size_t) b] = sw1.first - sw0.first;
+            invSw[(size_t) b] = sw1.second - sw0.second;
             procUs[(size_t) b] = std::chrono::duration<double, std::micro> (t1 - t0).count();
             wakeUs[(size_t) b] = std::chrono::duration<double, std::micro> (woke - due).count();
             for (int bus = 0; bus < busesOut; ++bus)
@@ -485,12 +504,16 @@ int main (int argc, char** argv)
     {
         const auto b = (size_t) order[(size_t) i];
         slowest += std::string (i ? ", " : "") + "{\"block\": " + std::to_string (b) + ", \"us\": " + num (procUs[b])
-                   + ", \"cpu_us\": " + num (cpuUs[b]) + "}";
+                   + ", \"cpu_us\": " + num (cpuUs[b]) + ", \"voluntary_switches\": " + std::to_string (volSw[b])
+                   + ", \"involuntary_switches\": " + std::to_string (invSw[b]) + "}";
     }
     slowest += "]";
 
     const int64_t over1ms = std::count_if (procUs.begin(), procUs.end(), [] (double us) { return us > 1000.0; });
     const int64_t cpuOver1ms = std::count_if (cpuUs.begin(), cpuUs.end(), [] (double us) { return us > 1000.0; });
+    // a call that waited (a lock, a sleep, I/O) switches voluntarily; one the OS interrupted, involuntarily
+    const long voluntary = std::accumulate (volSw.begin(), volSw.end(), 0L);
+    const long involuntary = std::accumulate (invSw.begin(), invSw.end(), 0L);
     // a block that began processing more than one period after its due time: the host fell behind
     const int64_t overruns = std::count_if (wakeUs.begin(), wakeUs.end(), [&] (double us) { return us > period.count() * 1e6; });
     std::string params = "{";
@@ -509,6 +532,7 @@ int main (int argc, char** argv)
        << ", \"calls_over_1ms\": " << over1ms << ", \"slowest_calls\": " << slowest
        << ", \"cpu_max_us\": " << num (*std::max_element (cpuUs.begin(), cpuUs.end()))
        << ", \"cpu_p99_us\": " << num (percentile (cpuUs, 99)) << ", \"cpu_calls_over_1ms\": " << cpuOver1ms
+       << ", \"voluntary_switches\": " << voluntary << ", \"involuntary_switches\": " << involuntary
        << ", \"wake_late_max_us\": " << num (*std::max_element (wakeUs.begin(), wakeUs.end()))
        << ", \"wake_late_p99_us\": " << num (percentile (wakeUs, 99)) << ", \"overruns\": " << overruns
        << ", \"sched\": " << jsonString (schedError.empty() ? "SCHED_FIFO " + std::to_string (opt.priority)
