@@ -6,8 +6,8 @@ offline default, measured in one run.
 
 Each row: the session options, the latency a stream states at 44.1 kHz (samples and ms), mean
 global SDR (vocals / accompaniment) and the difference to the offline default, and the speed in x
-real time on this machine. The bar (the plugin's default row): latency <= 1.5 s at 44.1 and 48 kHz and within 0.15 dB of
-the offline default; exit status 1 when missed.
+real time on this machine. The bar (the plugin's default row): latency <= 1.5 s at 44.1 and 48 kHz (in real time, with the
+plugin's compute margin) and within 0.15 dB of the offline default; exit status 1 when missed.
 """
 from __future__ import annotations
 
@@ -22,14 +22,15 @@ sys.path.insert(0, str(REPO))
 from engine.evaluate import evaluate  # noqa: E402
 from engine.sessions import TrackSeparator  # noqa: E402
 
+REALTIME_MARGIN_S = 0.24  # the plugin's own buffering in real time (Parameters.h kRealtimeMarginS)
 CONFIGS = [
     ("offline default (34 s segments)", {}),
     ("segment 1 s, centred", {"segment_s": 1.0}),
     ("segment 2 s, centred", {"segment_s": 2.0}),
     ("segment 4 s, centred", {"segment_s": 4.0}),
-    ("segment 1 s, context 4 s, lookahead 0.25 s", {"segment_s": 1.0, "overlap": 0.25, "context_s": 4.0,
+    ("plugin default: seg 1 s, ctx 4 s, look 0.25 s", {"segment_s": 1.0, "overlap": 0.25, "context_s": 4.0,
                                                      "lookahead_s": 0.25}),
-    ("plugin default: seg 1 s, ctx 4 s, look 0.45 s", {"segment_s": 1.0, "overlap": 0.25, "context_s": 4.0,
+    ("segment 1 s, context 4 s, lookahead 0.45 s", {"segment_s": 1.0, "overlap": 0.25, "context_s": 4.0,
                                                      "lookahead_s": 0.45}),
     ("segment 0.5 s, context 4 s, lookahead 0.5 s", {"segment_s": 0.5, "overlap": 0.25, "context_s": 4.0,
                                                       "lookahead_s": 0.5}),
@@ -60,9 +61,13 @@ def main(argv=None) -> int:
         print(f"{label:<46} {lat:>16} {v:7.3f} {a:7.3f} {v - base[0]:+7.3f} {a - base[1]:+7.3f} {rtf:6.1f}x",
               flush=True)
     lat44, lat48, dv, da = plugin_row
-    ok = max(lat44 / 44100, lat48 / 48000) <= 1.5 and min(dv, da) >= -0.15
+    # in real time the plugin adds its compute margin (plugin_bridge/vst3/Source/Parameters.h)
+    rt44, rt48 = lat44 + round(REALTIME_MARGIN_S * 44100), lat48 + round(REALTIME_MARGIN_S * 48000)
+    ok = max(rt44 / 44100, rt48 / 48000) <= 1.5 and min(dv, da) >= -0.15
     print(f"plugin default: latency {lat44} samples at 44.1 kHz ({1000 * lat44 / 44100:.1f} ms), {lat48} at 48 kHz "
-          f"({1000 * lat48 / 48000:.1f} ms); vocals {dv:+.3f} dB, accompaniment {da:+.3f} dB vs offline: "
+          f"({1000 * lat48 / 48000:.1f} ms); in real time with its {1000 * REALTIME_MARGIN_S:.0f} ms compute margin "
+          f"{rt44} ({1000 * rt44 / 44100:.1f} ms) and {rt48} ({1000 * rt48 / 48000:.1f} ms); "
+          f"vocals {dv:+.3f} dB, accompaniment {da:+.3f} dB vs offline: "
           + ("bar met (<= 1.5 s, within 0.15 dB)" if ok else "A BAR IS MISSED"))
     return 0 if ok else 1
 

@@ -1,13 +1,13 @@
 """Benchmark: an offline render through the unbake VST3 (hosted by pedalboard) vs Client.separate of
 the same audio, same engine, same model, same session options (the plugin's: 1 s segments, 4 s past
-context, 0.45 s lookahead; ``PLUGIN_OPTIONS``).
+context, 0.25 s lookahead; ``PLUGIN_OPTIONS``).
 
 Run with ``python tests/bench/bench_vst3.py [--seconds 60] [--runs 3]`` (not collected by pytest)
 after ``install/build_vst3.sh``. The engine is a real process on a private ipc:// socket. Runs
 alternate (plugin, client, ...); prints the median of each and the ratio plugin / client (the bar:
 <= 1.05), the max difference of the outputs, and for scale Client.separate with the engine's
 default (offline) grid. The plugin renders ``reported_latency_samples`` more frames than the song:
-pedalboard feeds that much silence after it to flush the latency (1.45 s at 44.1 kHz).
+pedalboard feeds that much silence after it to flush the latency (1.25 s at 44.1 kHz).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 SONG = ROOT.parent / "shared/eval-audio/real-dev-v1/cristina-vane-so-easy/mixture.wav"
 PLUGIN = ROOT / "plugin_bridge/vst3/build/unbake_artefacts/Release/VST3/unbake.vst3"
 # the plugin's session options (plugin_bridge/vst3/Source: kSessionOptions)
-PLUGIN_OPTIONS = {"segment_s": 1.0, "overlap": 0.25, "context_s": 4.0, "lookahead_s": 0.45}
+PLUGIN_OPTIONS = {"segment_s": 1.0, "overlap": 0.25, "context_s": 4.0, "lookahead_s": 0.25}
 
 
 def song(seconds: float) -> tuple[np.ndarray, int]:
