@@ -101,9 +101,11 @@ int main (int argc, char* argv[])
         }
         // as a host prepares a plugin: the layout, the rate, then prepareToPlay (opens the session; bounded)
         const auto set = channels == 1 ? juce::AudioChannelSet::mono() : juce::AudioChannelSet::stereo();
-        juce::AudioProcessor::BusesLayout layout;
-        layout.inputBuses.add (set);
-        layout.outputBuses.add (set);
+        auto layout = processor->getBusesLayout(); // the main buses; the aux (per-stem) buses off
+        layout.inputBuses.getReference (0) = set;
+        layout.outputBuses.getReference (0) = set;
+        for (int i = 1; i < layout.outputBuses.size(); ++i)
+            layout.outputBuses.getReference (i) = juce::AudioChannelSet::disabled();
         if (! processor->setBusesLayout (layout))
             return usage ("the plugin refused " + juce::String (channels) + " channel(s)");
         processor->setNonRealtime (! realtime);
