@@ -5,6 +5,7 @@
 #include <zmq_addon.hpp>
 
 #include <cctype>
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -226,6 +227,23 @@ void EngineClient::fail (const std::string& why)
 {
     failedFlag = true;
     setStatus (why);
+    notifyStems();
+}
+
+void EngineClient::notifyStems()
+{
+    {
+        const std::lock_guard<std::mutex> lk (stemsMutex); // a waiter between its check and its wait is not missed
+    }
+    stemsCv.notify_all();
+}
+
+bool EngineClient::waitForStems (int frames, double timeoutMs)
+{
+    std::unique_lock<std::mutex> lk (stemsMutex);
+    return stemsCv.wait_for (lk, std::chrono::duration<double, std::milli> (std::max (0.0, timeoutMs)),
+                             [&] { return availableStems() >= frames || failed(); })
+           && availableStems() >= frames;
 }
 
 void EngineClient::runCommand (std::function<void()> cmd)
@@ -390,12 +408,13 @@ void EngineClient::handle (std::vector<std::string>& parts)
 void EngineClient::flushPending()
 {
     auto& I = *impl;
+    bool wrote = false;
     while (! I.pending.empty())
     {
         auto& b = I.pending.front();
         const int n = std::min (outFifo.getFreeSpace(), b.frames - b.offset);
         if (n <= 0)
-            return;
+            break;
         int s1, n1, s2, n2;
         outFifo.prepareToWrite (n, s1, n1, s2, n2);
         for (int s = 0; s < I.numStems; ++s)
@@ -409,10 +428,13 @@ void EngineClient::flushPending()
                     std::memcpy (dst.data() + s2, src + n1, sizeof (float) * (size_t) n2);
             }
         outFifo.finishedWrite (n);
+        wrote = true;
         b.offset += n;
         if (b.offset == b.frames)
             I.pending.pop_front();
     }
+    if (wrote)
+        notifyStems();
 }
 
 EngineClient::SessionInfo EngineClient::open (const OpenRequest& r)

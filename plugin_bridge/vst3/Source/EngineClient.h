@@ -90,6 +90,10 @@ public:
                    int outStart) noexcept;
     void discardStems (int numFrames) noexcept;
     bool failed() const noexcept { return failedFlag.load(); }
+    // Offline only (it blocks): returns once availableStems() >= frames, the client failed, or
+    // timeoutMs passed; true when the stems are there. Woken by the worker (no polling: a render
+    // leaves the CPU to the engine).
+    bool waitForStems (int frames, double timeoutMs);
     bool hasSession() const noexcept { return sessionOpen.load(); }
 
     std::string status() const; // one line, for the log and the editor (not real time)
@@ -113,6 +117,11 @@ private:
     std::vector<std::vector<float>> inBuf, outBuf; // [channel], [stem * kMaxChannels + channel]
 
     std::atomic<bool> quit { false }, failedFlag { false }, sessionOpen { false };
+
+    // offline waits for stems (waitForStems): the worker notifies after each write to outFifo
+    std::mutex stemsMutex;
+    std::condition_variable stemsCv;
+    void notifyStems();
 
     // commands: run on the worker thread, the caller waits
     std::mutex cmdMutex;

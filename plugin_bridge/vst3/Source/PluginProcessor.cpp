@@ -369,9 +369,8 @@ void UnbakeProcessor::outputStems (juce::AudioBuffer<float>& buffer, int start, 
         engine.discardStems (d);
         debt -= d;
     }
-    if (wait)
-        while (engine.availableStems() < need && ! engine.failed() && nowMs() < deadlineMs)
-            std::this_thread::sleep_for (std::chrono::microseconds (100));
+    if (wait && engine.availableStems() < need && ! engine.failed())
+        engine.waitForStems (need, deadlineMs - nowMs()); // offline: blocks, woken by the worker
     const int have = debt > 0 ? 0 : std::min (need, engine.availableStems());
     if (have > 0)
     {
