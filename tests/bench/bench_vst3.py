@@ -2,7 +2,7 @@
 the same audio, same engine, same model, same session options (the plugin's: 1 s segments, 4 s past
 context, 0.25 s lookahead; ``PLUGIN_OPTIONS``).
 
-Run with ``python tests/bench/bench_vst3.py [--seconds 60] [--runs 3]`` (not collected by pytest)
+Run with ``python tests/bench/bench_vst3.py [--seconds 90] [--runs 3]`` (not collected by pytest)
 after ``install/build_vst3.sh``. The engine is a real process on a private ipc:// socket. Runs
 alternate (plugin, client, ...); prints the median of each and the ratio plugin / client (the bar:
 <= 1.05), the max difference of the outputs, and for scale Client.separate with the engine's
@@ -26,17 +26,25 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-SONG = ROOT.parent / "shared/eval-audio/real-dev-v1/cristina-vane-so-easy/mixture.wav"
+SONGS = ROOT.parent / "shared/eval-audio/real-dev-v1"
 PLUGIN = ROOT / "plugin_bridge/vst3/build/unbake_artefacts/Release/VST3/unbake.vst3"
 # the plugin's session options (plugin_bridge/vst3/Source: kSessionOptions)
 PLUGIN_OPTIONS = {"segment_s": 1.0, "overlap": 0.25, "context_s": 4.0, "lookahead_s": 0.25}
 
 
 def song(seconds: float) -> tuple[np.ndarray, int]:
-    if SONG.exists():
+    """``seconds`` of the dev songs one after the other (../shared), else a synthetic tone."""
+    if SONGS.is_dir():
         import soundfile as sf
-        data, sr = sf.read(str(SONG), dtype="float32", always_2d=True, frames=int(seconds * 44100))
-        return np.ascontiguousarray(data.T), sr
+        parts, need = [], int(seconds * 44100)
+        for mix in sorted(SONGS.glob("*/mixture.wav")):
+            data, sr = sf.read(str(mix), dtype="float32", always_2d=True)
+            parts.append(data.T)
+            need -= data.shape[0]
+            if need <= 0:
+                break
+        audio = np.concatenate(parts, axis=1)[:, :int(seconds * 44100)]
+        return np.ascontiguousarray(audio), 44100
     sr = 44100
     t = np.arange(int(seconds * sr)) / sr
     x = 0.2 * np.sin(2 * np.pi * 220 * t) + 0.02 * np.random.default_rng(0).standard_normal(t.size)
@@ -45,7 +53,7 @@ def song(seconds: float) -> tuple[np.ndarray, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--seconds", type=float, default=90.0)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     os.environ.setdefault("DISPLAY", ":4093")  # JUCE headless (see tests/plugin_bridge/test_vst3.py)

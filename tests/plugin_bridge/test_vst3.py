@@ -320,6 +320,36 @@ def test_streaming_random_blocks_equals_the_one_shot(plugin):
     assert float(np.abs(got - want).max()) <= 1e-5
 
 
+def test_automation_between_blocks(plugin):
+    """A gain or a mute changed between two blocks of a stream (``reset=False``) applies from the
+    first output frame of the next block on, exactly: the mix is made at the output, so the change
+    is heard at once (not a latency later), and the stream itself is not disturbed."""
+    sr = 44100
+    audio = music(sr, 3.0, seed=9)
+    solo(plugin, "vocals")
+    want = plugin(audio, sr)  # the vocals at 0 dB
+    latency = plugin.reported_latency_samples
+    plugin.reset()
+    feed = np.concatenate([audio, np.zeros((2, latency), np.float32)], axis=1)
+    block, outs, changes = 4096, [], {}
+    for k, pos in enumerate(range(0, feed.shape[1], block)):
+        if k == 20:
+            plugin.vocals_gain_db = -6.0
+            changes["gain"] = pos - latency  # pedalboard drops the first `latency` output frames
+        if k == 26:
+            plugin.vocals_mute = True
+            changes["mute"] = pos - latency
+        outs.append(plugin(feed[:, pos:pos + block], sr, reset=False))
+    got = np.concatenate(outs, axis=1)
+    assert got.shape == want.shape
+    a, b = changes["gain"], changes["mute"]
+    assert 0 < a < b < want.shape[1]
+    g = 10 ** (-6.0 / 20)
+    assert float(np.abs(got[:, :a] - want[:, :a]).max()) <= 1e-5
+    assert float(np.abs(got[:, a:b] - g * want[:, a:b]).max()) <= 1e-5
+    assert float(np.abs(want[:, a:b]).max()) > 0.01 and not got[:, b:].any()
+
+
 def test_state_round_trip(plugin_path, engine_endpoint, monkeypatch, tmp_path):
     """raw_state carries the parameters, the endpoint and engine_command properties, and a read-only
     <engine_status> node (what the last session said); a state set back keeps endpoint, model and
