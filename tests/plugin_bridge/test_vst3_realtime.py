@@ -200,7 +200,7 @@ def realtime(rt_host, plugin_path, engine_endpoint, song, offline, margin_state,
     """One real-time run of ``song`` through the plugin (the shared engine, nothing disturbed), compared
     with the offline output: (run, want, differs, late, wrong)."""
     run = run_host(rt_host, plugin_path, engine_endpoint, song, tmp_path_factory.mktemp("rt"), VOCALS,
-                   extra=["--state-file", str(margin_state)])
+                   extra=["--state-file", str(margin_state), "--aux"])
     want, offline_latency = offline(run["frames"] - run["latency_samples"])
     differs, late, wrong = compare(run, want, run["latency_samples"])
     idx = np.flatnonzero(late)
@@ -231,6 +231,18 @@ def test_realtime_engine_keeps_up_nothing_late(realtime):
     assert int(late.sum()) == 0, f"{int(late.sum())} stem frames late ({late.sum() / SR:.3f} s)"
     assert float(np.abs(run.out[:, run["latency_samples"]:] - want).max()) <= TOL
     assert run["late_frames"] == 0
+def test_aux_buses_carry_each_stem_as_it_sounds(realtime):
+    """The host turned every aux bus on (one per stem): the vocals bus is the main output (vocals solo
+    at 0 dB), the accompaniment bus is silent (muted), and the stems spleeter-2stems lacks are silent."""
+    run = realtime[0]
+    buses = {bus["name"]: np.fromfile(bus["path"], dtype="<f4").reshape(-1, bus["channels"]).T for bus in run["aux"]}
+    assert set(buses) == {"vocals", "drums", "bass", "other", "guitar", "piano", "accompaniment"}, list(buses)
+    assert all(b.shape == run.out.shape for b in buses.values())
+    assert np.abs(run.out).max() > 0.01
+    assert float(np.abs(buses["vocals"] - run.out).max()) == 0.0
+    assert all(not b.any() for name, b in buses.items() if name != "vocals")
+
+
 def test_a_stalled_engine_is_late_silence_then_the_stream_resumes(rt_host, plugin_path, spleeter_repo, song,
                                                                   offline, margin_state, tmp_path):
     """The engine stopped (SIGSTOP) for 2 s from 1 s before the first stem frame is due, then continued
