@@ -8,6 +8,9 @@ Torch-free (numpy, pyzmq, pedalboard, the engine's torch-free modules). The piec
     bounce_one(job, client, ...) -> Result         skip if is_done(...), else separate + write + sidecar
     run(args, settings)         ->  [Result]       probe the model, plan, bounce with --jobs threads
 
+The command line (its flags, ``Settings`` from them, ``cmd_bounce``) is ``plugin_bridge.cli.bounce``;
+this module never imports the CLI.
+
 Decisions (README "Batch renders" says the same for users):
 
 - **Inputs.** A folder is searched recursively for audio files (``AUDIO_EXTS``, any case), skipping
@@ -49,7 +52,6 @@ Decisions (README "Batch renders" says the same for users):
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -67,7 +69,7 @@ from typing import Any, Callable, Iterable
 from engine.errors import BadAudio, BadRequest, EngineUnavailable, ProtocolError, UnbakeError
 
 __all__ = ["Input", "Job", "Result", "Settings", "expand_inputs", "read_list", "track_names", "plan",
-           "is_done", "bounce_one", "run", "format_summary", "add_parser", "cmd_bounce"]
+           "is_done", "bounce_one", "run", "format_summary"]
 
 AUDIO_EXTS = (".wav", ".flac", ".mp3", ".ogg", ".aiff", ".aif")
 LIST_EXTS = (".txt", ".lst", ".list", ".m3u", ".m3u8")
@@ -472,7 +474,7 @@ class Settings:
     engine); timeout_s (the client's reply timeout); repo (a weights folder for every session of
     the run, however the engine was started: ``Client(repo=...)``; None: the engine's own);
     engine_flags ({device, fp16}: the engine settings asked for, checked against the running
-    engine by ``plugin_bridge.cli.engine_flag_warnings``)."""
+    engine by ``plugin_bridge.flags.engine_flag_warnings``)."""
     out_dir: Path = Path("separated")
     model: str | None = None
     template: str = DEFAULT_TEMPLATE
@@ -687,7 +689,7 @@ def run(args: Iterable[str], settings: Settings, *, lists: Iterable[str] = (),
     try:
         ctx = prepare(first, settings)
         if warn is not None and settings.engine_flags:
-            from .cli import engine_flag_warnings
+            from .flags import engine_flag_warnings
             for line in engine_flag_warnings(ctx.hello, first.endpoint, **settings.engine_flags):
                 warn(line)
         model_dir = ctx.identity["model"]["name"] + (f"+{ctx.preset.name}" if ctx.preset is not None else "")
@@ -743,101 +745,3 @@ def format_summary(results: list[Result], seconds: float | None = None) -> str:
                  + (f" in {seconds:.1f} s" if seconds is not None else ""))
     return "\n".join(lines)
 
-
-# -- command line -------------------------------------------------------------------------------
-
-USAGE = ("unbake bounce [-n MODEL] [--chain NAME] [-o OUT] [--filename TEMPLATE] [--float32 | --int24] "
-         "[--flac | --mp3] [--two-stems STEM] [--segment S] [--overlap O] [--shifts N] [--jobs N] "
-         "[--list FILE] [--verify] [--endpoint ENDPOINT] [--repo DIR] [-d DEVICE] [--fp16] [-q] [INPUTS ...]")
-
-
-def add_parser(sub) -> argparse.ArgumentParser:
-    """Register ``bounce`` on the ``unbake`` subparsers ``sub``."""
-    p = sub.add_parser(
-        "bounce", help="batch render for DAW scripts: stems + a sidecar JSON per input, resumable",
-        usage=USAGE.replace("unbake bounce", "%(prog)s", 1),
-        description="Separate many files through the engine daemon: stems (and the remix of a chain) "
-                    "to OUT/MODEL[+CHAIN]/TEMPLATE and a sidecar JSON per input, written last. Inputs "
-                    "already done with the same input, model, weights, chain and options are skipped; "
-                    "a failed input does not stop the others; a summary table at the end; exit status 1 "
-                    "if any input failed.")
-    p.add_argument("inputs", nargs="*", metavar="INPUTS",
-                   help="audio files, folders (searched recursively for wav, flac, mp3, ogg, aiff), globs, "
-                        "or list files (.txt, .lst, .m3u: one path a line, or ';'-separated)")
-    p.add_argument("--list", dest="lists", action="append", default=[], metavar="FILE",
-                   help="a list file of inputs, whatever its name ('-': stdin); repeatable")
-    p.add_argument("-n", "--name", dest="model", default=None,
-                   help="model or preset name (default: the chain preset's model, else the engine's default)")
-    p.add_argument("--chain", default=None, metavar="NAME",
-                   help="a chain preset (`unbake chains`) or its .toml path: write the processed stems "
-                        "and their remix")
-    p.add_argument("-o", "--out", default="separated", help="output folder (default: ./separated)")
-    p.add_argument("--filename", default=DEFAULT_TEMPLATE,
-                   help="output path under OUT/MODEL; variables: track, trackext, stem, ext, parent "
-                        "(default {track}/{stem}.{ext}; track is PARENT-NAME for inputs sharing a name)")
-    from .cli import add_format_args  # the same output flags as `unbake separate`
-    add_format_args(p)
-    p.add_argument("--two-stems", default=None, metavar="STEM", help="write STEM and no_STEM only")
-    p.add_argument("--segment", type=float, default=None, metavar="S", help="segment length in seconds")
-    p.add_argument("--overlap", type=float, default=None, metavar="O", help="overlap between segments, fraction")
-    p.add_argument("--shifts", type=int, default=0, metavar="N",
-                   help="average N time-shifted passes (deterministic)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="inputs sent to the engine at once (default 1; threads, one connection each)")
-    p.add_argument("--verify", action="store_true",
-                   help="when deciding what is done, hash every output (default: size + mtime, else hash)")
-    p.add_argument("--endpoint", default=None, metavar="ENDPOINT",
-                   help="the engine's address (default: $UNBAKE_ENDPOINT, else the per-user socket; "
-                        "started in the background if none answers)")
-    p.add_argument("--repo", default=None, help="weights folder for this run's models, however the engine was "
-                                                "started (an engine on an ipc:// socket)")
-    p.add_argument("-d", "--device", default=None,
-                   help="device, for an engine this command starts (a running one keeps its own: a warning says so)")
-    p.add_argument("--fp16", action="store_true",
-                   help="half precision on CUDA, for an engine this command starts (a running one keeps its "
-                        "own: a warning says so)")
-    p.add_argument("--timeout-s", type=float, default=10.0, metavar="S",
-                   help="give up on the engine after S seconds without a reply (default 10)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines (the summary table is printed)")
-    p.set_defaults(func=cmd_bounce)
-    return p
-
-
-def settings_from_args(args) -> Settings:
-    """Settings from parsed ``bounce`` arguments. Raises BadRequest (format, --jobs)."""
-    from engine.stemfiles import OutputFormat
-    if args.jobs < 1:
-        raise BadRequest(f"--jobs must be >= 1, got {args.jobs}")
-    fmt = OutputFormat(ext="flac" if args.flac else "mp3" if args.mp3 else "wav",
-                       bit_depth=32 if args.float32 else 24 if args.int24 else 16, mp3_bitrate_kbps=args.mp3_bitrate)
-    daemon_args = (["-d", args.device] if args.device else []) + (["--fp16"] if args.fp16 else [])
-    return Settings(out_dir=Path(args.out), model=args.model, template=args.filename, fmt=fmt,
-                    options={"segment_s": args.segment, "overlap": args.overlap, "shifts": args.shifts,
-                             "two_stems": args.two_stems},
-                    chain=args.chain, jobs=args.jobs, verify=args.verify, endpoint=args.endpoint,
-                    daemon_args=daemon_args, timeout_s=args.timeout_s, repo=args.repo,
-                    engine_flags={"device": args.device, "fp16": args.fp16})
-
-
-def cmd_bounce(args) -> int:
-    """``unbake bounce``: 0 when every input is ok or skipped, 1 when any failed (or nothing could
-    start: one line on stderr), 130 on Ctrl-C."""
-    def err(msg: str) -> None:
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-    try:
-        settings = settings_from_args(args)
-        results = run(args.inputs, settings, lists=args.lists, log=log,
-                      warn=lambda line: print(f"warning: {line}", file=sys.stderr, flush=True))
-    except UnbakeError as e:
-        err(str(e))
-        return 1
-    except OSError as e:
-        err(f"no endpoint for the unbake engine ({e})")
-        return 1
-    for r in results:
-        if r.status == "failed":
-            err(f"{r.input}: {r.error}")
-    print(format_summary(results, time.perf_counter() - t0), flush=True)
-    return 1 if any(r.status == "failed" for r in results) else 0
