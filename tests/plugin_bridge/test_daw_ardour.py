@@ -197,7 +197,9 @@ def lag_of(x: np.ndarray, ref: np.ndarray) -> int:
 
 
 def snr_db(ref: np.ndarray, x: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((ref - x).astype(np.float64) ** 2)))
+    """10 log10(|ref|^2 / |ref - x|^2); inf when x is ref exactly."""
+    err = float(np.sum((ref - x).astype(np.float64) ** 2))
+    return float("inf") if err == 0 else float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / err))
 
 
 def test_ardour_float_path_is_exact(home, song, tmp_path):
