@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
-from tests.plugin_bridge.test_vst3 import PLUGIN_OPTIONS
+from tests.plugin_bridge.test_vst3 import PLUGIN_OPTIONS, plugin_path  # noqa: F401 (a fixture: the VST3, built)
 
 MODEL = "spleeter-2stems"
 BUILD_DIR = REPO / "plugin_bridge" / "vst3" / "build"
@@ -32,15 +32,8 @@ NOT_CONNECTED_RED = (0xE8, 0x6F, 0x5E)  # palette::bad ("● not connected", and
 
 
 @pytest.fixture(scope="session")
-def snapshot_tool() -> Path:
-    env = dict(os.environ, UNBAKE_VST3_NO_INSTALL="1", UNBAKE_VST3_BUILD=str(BUILD_DIR))
-    proc = subprocess.run(["bash", str(REPO / "install" / "build_vst3.sh")], env=env, capture_output=True,
-                          text=True, timeout=1800)
-    if proc.returncode != 0:
-        if "missing build dependencies" in proc.stderr:
-            pytest.skip("the VST3's build dependencies are missing and this user cannot install them: "
-                        + proc.stderr.strip().splitlines()[-1])
-        pytest.fail(f"install/build_vst3.sh failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+def snapshot_tool(plugin_path) -> Path:
+    """unbake_editor_snapshot, built in the plugin's build folder (once the plugin is: plugin_path)."""
     jobs = os.environ.get("UNBAKE_VST3_JOBS", "2")
     proc = subprocess.run(["cmake", "--build", str(BUILD_DIR), "--config", "Release", "--target",
                            "unbake_editor_snapshot", "-j", jobs], capture_output=True, text=True, timeout=1800)
