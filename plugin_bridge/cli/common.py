@@ -123,3 +123,15 @@ def _endpoint(args) -> str:
     Raises BadRequest (a bad endpoint), NotPrivate (the runtime folder is not this user's alone)."""
     from engine.protocol import check_endpoint, default_endpoint
     return check_endpoint(args.endpoint or default_endpoint())
+
+
+def _endpoint_or_status(args) -> tuple[str | None, int]:
+    """(``_endpoint(args)``, 0), or (None, EXIT_FAILED) after one line on stderr saying why."""
+    from engine.errors import UnbakeError
+    try:
+        return _endpoint(args), 0
+    except OSError as e:
+        _err(f"no endpoint for the unbake engine ({e})")
+    except UnbakeError as e:
+        _err(str(e))
+    return None, EXIT_FAILED

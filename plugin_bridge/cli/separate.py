@@ -9,8 +9,8 @@ from plugin_bridge.flags import add_format_args, engine_flag_warnings
 from plugin_bridge.flags import output_format as _output_format
 
 from .chains import _load_chain_arg
-from .common import (EXIT_FAILED, EXIT_USAGE, _add_model_args, _daemon_args, _endpoint, _err, _load_track,
-                     _model_options, _warn)
+from .common import (EXIT_FAILED, EXIT_USAGE, _add_model_args, _daemon_args, _endpoint_or_status, _err,
+                     _load_track, _model_options, _warn)
 
 
 def unusable_inputs(files: list[str]) -> dict[int, Exception]:
@@ -138,13 +138,12 @@ def _separate_via_daemon(args, unusable: dict[int, Exception] | None = None) -> 
         return EXIT_USAGE
     try:
         fmt = _output_format(args)
-        endpoint = _endpoint(args)
-    except OSError as e:
-        _err(f"no endpoint for the unbake engine ({e})")
-        return EXIT_FAILED
     except UnbakeError as e:
         _err(str(e))
         return EXIT_FAILED
+    endpoint, status = _endpoint_or_status(args)
+    if endpoint is None:
+        return status
 
     def connect():
         return Client(endpoint, autostart=True, daemon_args=_daemon_args(args), repo=args.repo)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import EXIT_FAILED, _endpoint, _err
+from .common import EXIT_FAILED, _endpoint_or_status, _err
 
 
 def cmd_serve(args) -> int:
@@ -51,14 +51,9 @@ def cmd_status(args) -> int:
     import json
     from engine.errors import EngineUnavailable, UnbakeError
     from plugin_bridge.client import Client
-    try:
-        endpoint = _endpoint(args)
-    except OSError as e:
-        _err(f"no endpoint for the unbake engine ({e})")
-        return EXIT_FAILED
-    except UnbakeError as e:
-        _err(str(e))
-        return EXIT_FAILED
+    endpoint, status = _endpoint_or_status(args)
+    if endpoint is None:
+        return status
     if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
         _err(f"no unbake engine at {endpoint} (no socket at {endpoint[len('ipc://'):]})")
         return EXIT_FAILED
