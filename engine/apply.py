@@ -444,14 +444,18 @@ class Job:
         self.key = runner.batch_key + (seg.w,)
 
 
-def run_jobs(jobs: list[Job]) -> None:
-    """One forward pass for jobs that share a key; results go back to their runners."""
+def run_jobs(jobs: list[Job], forward: Callable[[OverlapAdd, torch.Tensor], torch.Tensor] | None = None) -> None:
+    """One forward pass for jobs that share a key; results go back to their runners.
+
+    forward: where the pass runs, ``forward(runner, windows)`` (float32 [batch, channels, w] ->
+    float32 [batch, sources, channels, w]); None: here, ``runner.forward`` (engine.replicas: a Ray
+    replica that holds the same network, ``runner.recipe``)."""
     assert jobs and all(j.key == jobs[0].key for j in jobs)
     w = jobs[0].seg.w
     windows = torch.empty(len(jobs), jobs[0].runner.channels, w)
     for job, row in zip(jobs, windows):
         job.runner.fill_window(job.seg, row)
-    out = jobs[0].runner.forward(windows)
+    out = jobs[0].runner.forward(windows) if forward is None else forward(jobs[0].runner, windows)
     for job, job_out in zip(jobs, out):
         job.runner.put(job.seg, job_out)
 
@@ -503,7 +507,7 @@ class Streamer:
         rng = random.Random(seed)
         self.parts: list[tuple[OverlapAdd, torch.Tensor]] = []  # (runner, per-source scale)
         totals = torch.tensor(weights, dtype=torch.float32).sum(0)
-        for member, w in zip(members, weights):
+        for index, (member, w) in enumerate(zip(members, weights)):
             original = member
             member_segment = None if segment_s is None else min(segment_s, _max_segment_s(member))
             if member_segment is not None and hasattr(member, "set_segment"):
@@ -525,11 +529,16 @@ class Streamer:
                 int(MAX_SHIFT_S * member.sample_rate) - rng.randint(0, int(MAX_SHIFT_S * member.sample_rate))
                 for _ in range(shifts)]
             scale = torch.tensor(w, dtype=torch.float32) / totals / len(prefixes)
+            # How another process builds this network (engine.replicas): the model's name, the
+            # member of a bag, the segment override, the model options and the dtype.
+            recipe = (getattr(model, "name", None), index if isinstance(model, Bag) else None, member_segment,
+                      tuple(sorted((model_options or {}).items())), None if dtype is None else str(dtype))
             for prefix in prefixes:
                 runner = OverlapAdd(member, seg, stride, transition_power=transition_power,
                                     batch_segments=batch_segments, prefix_frames=prefix,
                                     autocast=_autocast_factory(member, dtype), batch_key=key,
                                     **reach)
+                runner.recipe = recipe
                 self.parts.append((runner, scale))
         # Output of each part not yet combined (parts finalize at different points).
         self.pending = [torch.zeros(len(self.sources), self.audio_channels, 0) for _ in self.parts]
