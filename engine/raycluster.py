@@ -1,0 +1,35 @@
+"""Joining a Ray cluster (``--ray ADDRESS`` of ``unbake serve`` and ``unbake bounce``): Ray is an
+optional extra, so every use goes through ``import_ray`` (one line on how to get it) and ``connect``.
+
+ADDRESS is a Ray cluster address (``HOST:PORT`` of the head node's GCS, as ``ray start --head``
+prints it, or ``auto`` for the cluster this machine belongs to), or ``local`` to start a cluster
+inside this process (one machine, for trying it out).
+"""
+from __future__ import annotations
+
+from .errors import BadRequest
+
+RAY_MISSING = "--ray needs Ray, an optional extra: pip install 'unbake[ray]'"
+
+
+def import_ray():
+    """The ``ray`` module. Raises BadRequest (RAY_MISSING) when it is not installed."""
+    try:
+        import ray
+    except ImportError:
+        raise BadRequest(RAY_MISSING) from None
+    return ray
+
+
+def connect(address: str):
+    """Join the cluster at ``address`` (or start one: ``local``) once per process; returns ``ray``.
+    Raises BadRequest (no Ray; no cluster at that address, in one line)."""
+    ray = import_ray()
+    if not ray.is_initialized():
+        try:
+            ray.init(address=None if address == "local" else address, include_dashboard=False,
+                     log_to_driver=False, logging_level="ERROR")
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise BadRequest(f"--ray {address}: cannot join a Ray cluster there "
+                             f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+    return ray
