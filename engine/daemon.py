@@ -407,7 +407,10 @@ class Daemon:
         poller.register(self.wake_r, zmq.POLLIN)
         monitor = self.clients.watch(self.router)
         poller.register(monitor, zmq.POLLIN)
-        self.log(f"ready on {self.endpoint} (device {self.service.device}, pid {os.getpid()})")
+        where = self.service.settings()
+        self.log(f"ready on {self.endpoint} (device {where['device']}"
+                 + (f": {where['replicas']} replica(s) on the Ray cluster at {where['ray']}" if "ray" in where else "")
+                 + f", pid {os.getpid()})")
         next_tick = time.monotonic() + TICK_S
         try:
             while True:

@@ -15,8 +15,13 @@ A paused session (``pause``: its client does not read its replies, engine.daemon
 queued segments but none of them is picked until it is resumed, so the engine stops making output
 nobody reads.
 
-Only the worker touches a session's TrackSeparator; the lock guards the queues and makes sure every
-request gets exactly one terminal reply, even when a cancel races with its completion.
+Only one worker at a time touches a session's TrackSeparator; the lock guards the queues and makes
+sure every request gets exactly one terminal reply, even when a cancel races with its completion.
+
+``workers`` > 1 (``unbake serve --ray``: one per model replica, engine.replicas) runs that many
+worker threads, each with its own batch in flight. A worker takes a session (to feed it, or for a
+batch) only when no other worker holds it (``Session.busy``): a session's segments are put back in
+grid order and its replies go out in order, as with one worker; different sessions run at once.
 """
 from __future__ import annotations
 
@@ -50,7 +55,7 @@ class Task:
 
 class Session:
     __slots__ = ("sid", "track", "model_name", "inbox", "tasks", "jobs", "cancelled", "frames_out",
-                 "on_removed")
+                 "on_removed", "busy")
 
     def __init__(self, sid: str, track, model_name: str, on_removed: Callable[[], None] | None):
         self.sid, self.track, self.model_name = sid, track, model_name
@@ -60,6 +65,7 @@ class Session:
         self.cancelled = False
         self.frames_out = 0
         self.on_removed = on_removed
+        self.busy = False  # a worker is feeding it or has a batch of it in flight
 
 
 class Scheduler:
@@ -67,10 +73,12 @@ class Scheduler:
 
     max_batch: most segments in one forward pass. max_queue_delay_s: how long a segment may wait
     for others to fill a batch. max_pending: requests of one session queued at once.
+    forward: where the forward passes run (``engine.apply.run_jobs``; None: in this process).
+    workers: worker threads, each with one batch in flight (1 unless ``forward`` runs elsewhere).
     """
 
     def __init__(self, emit: Callable[[bytes, dict, list], None], *, max_batch: int = 1,
-                 max_queue_delay_s: float = 0.002, max_pending: int = 16):
+                 max_queue_delay_s: float = 0.002, max_pending: int = 16, forward=None, workers: int = 1):
         self.emit = emit
         self.max_batch = max(1, int(max_batch))
         self.max_queue_delay_s = max(0.0, float(max_queue_delay_s))
@@ -83,8 +91,11 @@ class Scheduler:
         self.batches = 0
         self.segments = 0
         self._last_shape: tuple | None = None  # of the last forward pass (_run)
-        self.thread = threading.Thread(target=self._loop, name="unbake-scheduler", daemon=True)
-        self.thread.start()
+        self.forward = forward
+        self.threads = [threading.Thread(target=self._loop, name=f"unbake-scheduler-{i}", daemon=True)
+                        for i in range(max(1, int(workers)))]
+        for t in self.threads:
+            t.start()
 
     # -- called by the daemon's thread --------------------------------------------------------
     def add(self, sid: str, track, model_name: str, on_removed: Callable[[], None] | None = None) -> None:
@@ -151,7 +162,9 @@ class Scheduler:
             for sess in list(self.sessions.values()):
                 self._remove(sess, EngineUnavailable("the engine is shutting down"))
             self.cond.notify_all()
-        self.thread.join(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
 
     # -- under the lock -----------------------------------------------------------------------
     def _remove(self, sess: Session, reason: UnbakeError | None) -> None:
@@ -175,17 +188,33 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self.cond:
-                while not self.stopping and not any(s.inbox or (s.jobs and s.sid not in self.paused)
+                while not self.stopping and not any(not s.busy and (s.inbox or (s.jobs and s.sid not in self.paused))
                                                     for s in self.sessions.values()):
                     self.cond.wait()
                 if self.stopping:
                     return
-                fresh = [(s, s.inbox.popleft()) for s in list(self.sessions.values()) for _ in range(len(s.inbox))]
-            for sess, task in fresh:
-                self._feed(sess, task)
+                feeding = [s for s in list(self.sessions.values()) if s.inbox and not s.busy]
+                for s in feeding:
+                    s.busy = True
+                fresh = [(s, s.inbox.popleft()) for s in feeding for _ in range(len(s.inbox))]
+            try:
+                for sess, task in fresh:
+                    self._feed(sess, task)
+            finally:
+                self._release(feeding)
             batch = self._pick_batch()
             if batch:
-                self._run(batch)
+                try:
+                    self._run(batch)
+                finally:
+                    self._release([s for s, _, _ in batch])
+
+    def _release(self, sessions: list[Session]) -> None:
+        if sessions:
+            with self.cond:
+                for s in sessions:
+                    s.busy = False
+                self.cond.notify_all()
 
     def _feed(self, sess: Session, task: Task) -> None:
         try:
@@ -217,7 +246,7 @@ class Scheduler:
         with self.cond:
             while True:
                 order = [self.sessions[sid] for sid in self.ring
-                         if self.sessions[sid].jobs and sid not in self.paused]
+                         if self.sessions[sid].jobs and sid not in self.paused and not self.sessions[sid].busy]
                 if not order:
                     return []
                 key = order[0].jobs[0][0].key
@@ -242,6 +271,7 @@ class Scheduler:
                         continue
                 batch = []
                 for s in order:
+                    s.busy = s.busy or counts[s.sid] > 0
                     for _ in range(counts[s.sid]):
                         job, task, _ = s.jobs.popleft()
                         batch.append((s, job, task))
@@ -250,14 +280,14 @@ class Scheduler:
 
     def _run(self, batch: list[tuple[Session, Job, Task]]) -> None:
         shape = (batch[0][1].key, len(batch))  # network, grid, window length; batch size
-        if self._last_shape is not None and shape != self._last_shape:
+        if self.forward is None and self._last_shape is not None and shape != self._last_shape:
             # Tracks of other lengths (a short track's one segment, a long one's last) have
             # temporaries of other sizes: the holes the last pass left would not fit them, and the
             # heap would grow by a second working set (bench_sharing.py: daemon peak 653 -> 627 MB).
             release_free_memory()
         self._last_shape = shape
         try:
-            run_jobs([job for _, job, _ in batch])
+            run_jobs([job for _, job, _ in batch], self.forward)
         except Exception as e:  # e.g. out of memory: fail the sessions involved, keep serving
             err = e if isinstance(e, UnbakeError) else UnbakeError(f"forward pass failed: {e!r}")
             with self.cond:
@@ -265,8 +295,9 @@ class Scheduler:
                     if not sess.cancelled:
                         self._remove(sess, err)
             return
-        self.batches += 1
-        self.segments += len(batch)
+        with self.cond:
+            self.batches += 1
+            self.segments += len(batch)
         touched = {}
         for sess, _, task in batch:
             task.jobs_left -= 1

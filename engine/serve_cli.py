@@ -11,7 +11,7 @@ import sys
 from . import endpoints
 from . import protocol as P
 from .daemon import DRAIN_S, Daemon
-from .errors import UnbakeError
+from .errors import BadRequest, UnbakeError
 from .heap import tune_heap
 from .listener import allow_any_local_user
 
@@ -45,6 +45,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the daemon's CURVE certificate (zmq.auth format, with the secret key)")
     p.add_argument("--curve-allowed-keys", default=None, metavar="DIR",
                    help="folder of the public certificates of the clients allowed in")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run the forward passes on model replicas on a Ray cluster: its address "
+                        "(HOST:PORT as `ray start --head` prints it, or auto), or local to start one here "
+                        "(needs pip install 'unbake[ray]'); sessions stay in this daemon")
+    p.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="with --ray: model replicas, spread over the cluster's nodes (default 1)")
+    p.add_argument("--replica-gpus", type=float, default=0, metavar="G",
+                   help="with --ray: GPUs per replica (default 0: CPU replicas; 0.5: two share a GPU)")
+    p.add_argument("--replica-threads", type=int, default=1, metavar="N",
+                   help="with --ray: CPU threads (Ray CPUs) per replica (default 1)")
     p.add_argument("--allow-any-local-user", action="store_true", default=None,
                    help="serve a loopback tcp:// endpoint without CURVE: every local user may then use "
                         f"the engine (default: ${endpoints.ALLOW_ANY_LOCAL_USER_ENV}=1, else refused)")
@@ -60,6 +70,12 @@ def run(args: argparse.Namespace) -> int:
         for name in preload:
             P.check_model_name(name, "--preload")
         allow = allow_any_local_user(getattr(args, "allow_any_local_user", None))
+        ray = getattr(args, "ray", None)
+        if ray is not None:
+            from .raycluster import import_ray
+            import_ray()  # not installed: one line now, not after the endpoint is taken
+        elif args.replicas != 1 or args.replica_gpus or args.replica_threads != 1:
+            raise BadRequest("--replicas, --replica-gpus and --replica-threads go with --ray ADDRESS")
     except UnbakeError as e:
         print(f"unbake serve: {e}", file=sys.stderr)
         return 1
@@ -70,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
         from .service import Service  # torch is imported here, not at module import
         return Service(emit, device=args.device, fp16=args.fp16, repo=args.repo, threads=args.jobs,
                        max_batch=args.max_batch, max_queue_delay_s=args.max_queue_delay_ms / 1000,
-                       memory_budget_gb=args.memory_budget_gb, limits=limits)
+                       memory_budget_gb=args.memory_budget_gb, limits=limits, ray=ray,
+                       replicas=args.replicas, replica_gpus=args.replica_gpus,
+                       replica_threads=args.replica_threads)
 
     try:
         daemon = Daemon(endpoint, service_factory, limits=limits, idle_exit_s=args.idle_exit_s,

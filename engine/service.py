@@ -40,24 +40,48 @@ class Service:
     """device: a name for engine.devices.pick_device (None: best available). fp16: CUDA autocast.
     repo: the engine's own weights folder (None: $UNBAKE_REPO or the user cache). threads: CPU
     threads of the networks (None: torch's default). emit: the daemon's thread-safe reply function
-    (identity, header, pcm)."""
+    (identity, header, pcm).
+
+    ray: a Ray cluster address (or "local"): the forward passes run on ``replicas`` model replicas
+    there (engine.replicas), each with ``replica_threads`` CPU threads and ``replica_gpus`` GPUs;
+    device and fp16 are then the replicas' (fp16 needs replica_gpus > 0), and this process keeps
+    the sessions, the grid and the overlap-add, with the models on its CPU for their geometry.
+    None: everything here."""
 
     def __init__(self, emit: Callable, *, device: str | None = None, fp16: bool = False, repo=None,
                  threads: int | None = None, max_batch: int | None = None, max_queue_delay_s: float = 0.002,
-                 memory_budget_gb: float | None = None, limits: P.Limits = P.Limits()):
+                 memory_budget_gb: float | None = None, limits: P.Limits = P.Limits(),
+                 ray: str | None = None, replicas: int = 1, replica_gpus: float = 0,
+                 replica_threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
-        self.device = devices.pick_device(device)
-        self.dtype = devices.pick_dtype(self.device, fp16)
         self.repo = repo
+        self.replicas = None
+        if ray is None:
+            self.device = devices.pick_device(device)
+            self.dtype = devices.pick_dtype(self.device, fp16)
+        else:
+            from .replicas import Replicas
+            if fp16 and not replica_gpus:
+                raise BadRequest("--fp16 with --ray needs GPU replicas (--replica-gpus); CPU replicas "
+                                 "compute in float32")
+            if device not in (None, "", "auto", "cpu") and not replica_gpus:
+                raise BadRequest(f"-d {device} with --ray needs GPU replicas (--replica-gpus)")
+            self.device = torch.device("cpu")  # the front door's copy of each model: its geometry only
+            self.dtype = torch.float16 if fp16 else None
+            self.replicas = Replicas(ray, replicas=replicas, replica_gpus=replica_gpus, threads=replica_threads,
+                                     device=device)
         budget = (default_memory_budget_bytes(self.device) if memory_budget_gb is None
                   else int(memory_budget_gb * GB))
-        self.cache = ModelCache(repo, self.device, budget, warmup=warmup)
-        if max_batch is None:
-            max_batch = 1 if self.device.type == "cpu" else 8  # batching is slower on CPU (bench_htdemucs)
+        self.cache = ModelCache(repo, self.device, budget, warmup=warmup if self.replicas is None else
+                                (lambda m: self.replicas.warm(m.name, m.weights_repo)))
+        if max_batch is None:  # batching is slower on CPU (bench_htdemucs)
+            max_batch = 8 if replica_gpus or self.device.type != "cpu" else 1
         self.scheduler = Scheduler(emit, max_batch=max_batch, max_queue_delay_s=max_queue_delay_s,
-                                   max_pending=limits.max_pending_per_session)
+                                   max_pending=limits.max_pending_per_session,
+                                   forward=None if self.replicas is None else self.replicas.forward,
+                                   workers=1 if self.replicas is None else len(self.replicas.actors))
 
     def preload(self, name: str) -> str:
         """Load and warm a model so the first session finds it ready. Returns its name."""
@@ -67,7 +91,12 @@ class Service:
 
     def settings(self) -> dict:
         """What this engine computes with, as ``hello`` states it: device (str), fp16 (bool),
-        threads (int), max_batch (int)."""
+        threads (int), max_batch (int); with --ray also ray (the address) and replicas (int), and
+        device is "ray" (each replica's own device is in ``status``)."""
+        if self.replicas is not None:
+            return {"device": "ray", "fp16": self.dtype == torch.float16, "threads": self.threads,
+                    "max_batch": self.scheduler.max_batch, "ray": self.replicas.address,
+                    "replicas": len(self.replicas.actors)}
         return {"device": str(self.device), "fp16": self.dtype == torch.float16, "threads": self.threads,
                 "max_batch": self.scheduler.max_batch}
 
@@ -142,7 +171,11 @@ class Service:
     def status(self) -> dict:
         return {**self.settings(), "models": self.cache.info(),
                 "memory_budget_gb": None if self.cache.budget is None else round(self.cache.budget / GB, 2),
-                "queue_depth": self.scheduler.queue_depth, "batches": self.scheduler.batches, "segments": self.scheduler.segments}
+                "queue_depth": self.scheduler.queue_depth, "batches": self.scheduler.batches, "segments": self.scheduler.segments,
+                **({} if self.replicas is None else {"replicas": self.replicas.status(),
+                                                     "ray_namespace": self.replicas.namespace})}
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self.scheduler.stop(timeout_s)
+        if self.replicas is not None:
+            self.replicas.close()

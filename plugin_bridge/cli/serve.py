@@ -44,6 +44,14 @@ def format_status(st: dict) -> str:
         lines.append("models loaded: none")
     lines.append(f"{st.get('sessions', 0)} session(s) open, queue depth {st.get('queue_depth', 0)}, "
                  f"{st.get('served', 0)} request(s) served")
+    replicas = st.get("replicas")
+    if replicas is not None:  # unbake serve --ray: where the forward passes run
+        lines.append(f"model replicas on the Ray cluster at {st.get('ray', '?')}:")
+        lines.append(f"  {'replica':<18} {'node':<12} {'device':<8} {'pid':>7} {'queue':>5} {'served':>7} {'failed':>6}")
+        for r in replicas:
+            node = (r.get("node") or "(starting)")[:12]
+            lines.append(f"  {r.get('name', '?'):<18} {node:<12} {r.get('device') or '-':<8} {r.get('pid') or '-':>7} "
+                         f"{r.get('queue', 0):>5} {r.get('served', 0):>7} {r.get('failed', 0):>6}")
     return "\n".join(lines)
 
 
