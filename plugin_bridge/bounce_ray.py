@@ -58,6 +58,39 @@ def _die_with_parent() -> None:  # preexec_fn: SIGKILL when the worker process d
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A HOST:PORT address (or ``auto`` with $RAY_ADDRESS set) must accept a TCP connection:
+    ``ray.init`` retries a dead address for minutes, logging as it goes. Raises BadRequest."""
+    import socket
+    target = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or "://" in target:
+        return  # `local`, plain `auto`, ray:// client addresses: Ray says what is wrong, quickly
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise BadRequest(f"--ray {address}: cannot join a Ray cluster there (nothing answers at {target}: "
+                         f"{e.strerror or type(e).__name__})") from None
+
+
+def _ray_errors_to_stderr() -> None:
+    """Ray's driver prints the cluster's error messages ("(raylet) A worker died ...") on stdout,
+    where the summary table goes (scripts read it): send them to stderr. Ray's private API: when it
+    moves, they stay on stdout, nothing else changes."""
+    try:
+        from ray._private import worker
+        printer = worker.print_to_stdstream
+        if getattr(printer, "_unbake", False):
+            return
+
+        def to_stderr(data, ignore_prefix):
+            printer({**data, "is_err": True}, ignore_prefix)
+        to_stderr._unbake = True
+        worker.print_to_stdstream = to_stderr
+    except (ImportError, AttributeError):
+        pass
+
+
 def _shared_probe(out: Path) -> Path:
     """The output folder, made, with a hidden marker file in it for the workers to look for (a node
     that does not see it does not share the storage). Raises OutputError."""
@@ -202,9 +235,12 @@ def run_ray(args: Iterable[str], settings: Settings, address: str, *, workers: i
     flight per worker. Raises BadRequest (no Ray, no cluster, no inputs, bad template, workers that
     disagree on the model), and the first worker's start error (typed as in ``run``).
     """
-    from engine.raycluster import connect
+    from engine.raycluster import connect, import_ray
     args, lists = check_run(args, settings, lists)
+    import_ray()  # no Ray: its one line first
+    _check_reachable(address)
     ray = connect(address)
+    _ray_errors_to_stderr()
     from ray.exceptions import ActorDiedError, RayActorError
     n = workers or sum(1 for node in ray.nodes() if node.get("Alive"))
     if n < 1 or threads < 1 or worker_gpus < 0:
