@@ -16,7 +16,7 @@ stems, sidecars, atomic writes and resume are those of ``unbake bounce``; every 
 the same model, weights sha256, chain and options as the first, else the run stops in one line.
 
 **A worker killed mid-run** (its node lost, OOM, SIGKILL): its daemon dies with it (parent-death
-signal), Ray restarts the actor (``max_restarts=-1``; tasks are never retried by Ray, we do it), and
+signal; its private folder is deleted by the next worker that starts on the node), Ray restarts the actor (``max_restarts=-1``; tasks are never retried by Ray, we do it), and
 its input goes back to the front of the queue for the next live worker, whose ``bounce_one`` first
 deletes the dead worker's temporaries; the sidecar is written last, so nothing partial is vouched
 for. An input that kills ``MAX_DEATHS`` workers fails; with no worker alive for ``no_worker_s`` the
@@ -73,6 +73,21 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
                          f"{e.strerror or type(e).__name__})") from None
 
 
+_DIR_PREFIX = "unbake-bounce-"  # + the worker's pid: its private folder (the daemon's socket, its log)
+
+
+def _sweep_dead_workers_dirs() -> None:
+    """Delete the private folders of this user's workers that were killed (their pid is gone)."""
+    root = Path(tempfile.gettempdir())
+    for d in root.glob(f"{_DIR_PREFIX}*-*"):
+        pid = d.name[len(_DIR_PREFIX):].split("-")[0]
+        try:
+            if pid.isdigit() and d.lstat().st_uid == os.getuid() and not os.path.exists(f"/proc/{pid}"):
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _ray_errors_to_stderr() -> None:
     """Ray's driver prints the cluster's error messages ("(raylet) A worker died ...") on stdout,
     where the summary table goes (scripts read it): send them to stderr. Ray's private API: when it
@@ -120,7 +135,8 @@ class BounceWorker:
         import ray
         self.settings, self.threads, self.env = settings, int(threads), dict(env or {})
         self.node = ray.get_runtime_context().get_node_id()
-        self.dir = tempfile.mkdtemp(prefix="unbake-bounce-")
+        _sweep_dead_workers_dirs()
+        self.dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
         self.endpoint = f"ipc://{self.dir}/engine.sock"
         self.proc: subprocess.Popen | None = None
         self.lock = threading.Lock()

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -212,6 +213,7 @@ def test_a_worker_killed_mid_run_its_inputs_are_redone_and_a_second_run_skips_al
     assert len(got) == len(inputs) and all(s == "ok" for s, _ in got.values()), stdout
     assert partials(out) == [] and not any(Path(p).exists() for p in held)
     assert not alive(killed["daemon_pid"]), "the killed worker's engine outlived it"
+    assert not list(Path(tempfile.gettempdir()).glob(f"unbake-bounce-{killed['pid']}-*")), "its folder was left"
     mine, theirs = files(out), files(local)
     assert mine.keys() == theirs.keys() and all(mine[k] == theirs[k] for k in mine)
     assert sidecar_view(out) == sidecar_view(local)
