@@ -25,6 +25,7 @@ import soundfile as sf
 
 from engine.raycluster import RAY_MISSING
 from tests.conftest import REPO
+from tests.plugin_bridge.test_cli_bounce import partials, rows
 from tests.ray_cluster import ray_env, two_node_cluster
 
 MODEL = "spleeter-2stems"
@@ -39,19 +40,6 @@ VARYING_PER_OUTPUT = ("mtime_ns", "path")
 def unbake(*args, env=None, timeout=300, **kw):
     return subprocess.run([sys.executable, "-m", "plugin_bridge.cli", *map(str, args)], capture_output=True,
                           text=True, cwd=REPO, timeout=timeout, env=env, **kw)
-
-
-def rows(stdout: str) -> dict[str, tuple[str, str]]:
-    """{input: (status, error)} from the summary table."""
-    out = {}
-    for line in stdout.splitlines()[1:-1]:
-        parts = line.split(None, 3)
-        out[parts[0]] = (parts[1], parts[3] if len(parts) > 3 else "")
-    return out
-
-
-def partials(out: Path) -> list[Path]:
-    return sorted(p for p in out.rglob("*") if ".partial" in p.name)
 
 
 def files(out: Path) -> dict[str, bytes]:
