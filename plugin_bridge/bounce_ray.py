@@ -46,11 +46,12 @@ from engine.errors import BadRequest, EngineUnavailable, UnbakeError, from_code
 from .bounce import (Context, Job, Result, Settings, bounce_one, check_run, plan_run, prepare,
                      progress_line)
 
-__all__ = ["BounceWorker", "run_ray", "START_S", "NO_WORKER_S", "MAX_DEATHS"]
+__all__ = ["BounceWorker", "run_ray", "START_S", "LATE_S", "NO_WORKER_S", "MAX_DEATHS"]
 
 START_S = 300.0     # workers (their daemon started, the model loaded) must answer within this
 NO_WORKER_S = 120.0  # with every worker gone this long, the inputs left fail
 MAX_DEATHS = 3      # an input whose bounce took down this many workers fails
+LATE_S = 10.0       # after the first worker answers, wait this long (at least) for the others
 _PR_SET_PDEATHSIG = 1
 
 
@@ -273,13 +274,16 @@ def run_ray(args: Iterable[str], settings: Settings, address: str, *, workers: i
     try:
         handles += [actor.remote(settings, threads, env, probe) for _ in range(n)]
         probes = {h.info.remote(): w for w, h in enumerate(handles)}
-        ready, pending = ray.wait(list(probes), num_returns=n, timeout=START_S)
+        t0 = time.monotonic()
+        ready, pending = ray.wait(list(probes), num_returns=1, timeout=START_S)
         if not ready:
             raise EngineUnavailable(f"--ray {address}: no worker started within {START_S:g} s (each needs "
                                     f"{threads} CPU{'s' if threads > 1 else ''} and {worker_gpus:g} GPU)")
+        grace_s = max(LATE_S, 2 * (time.monotonic() - t0))  # the others start about as fast, or lack room
+        ready, pending = ray.wait(list(probes), num_returns=n, timeout=grace_s)
         if pending and warn is not None:
-            warn(f"--ray: {len(pending)} of {n} workers did not start within {START_S:g} s "
-                 f"(each needs {threads} CPU and {worker_gpus:g} GPU); going on with {len(ready)}")
+            warn(f"--ray: {len(pending)} of {n} workers not started after {time.monotonic() - t0:.0f} s "
+                 f"(each needs {threads} CPU and {worker_gpus:g} GPU); they join when they start")
         infos: dict[int, dict] = {}
         for ref in sorted(ready, key=lambda r: probes[r]):
             w = probes[ref]
@@ -319,7 +323,7 @@ def run_ray(args: Iterable[str], settings: Settings, address: str, *, workers: i
         per_node: dict[str, int] = {}
         live, busy = set(infos), {w: 0 for w in infos}
         inflight: dict = {}   # ref -> (worker, job index)
-        revive: dict = {}     # info ref -> worker (a dead worker, until Ray has restarted it)
+        revive = {ref: probes[ref] for ref in pending}  # info ref -> worker not (or no longer) running
         deaths = {i: 0 for i in range(len(jobs))}
         none_since = None
         while queue or inflight:
@@ -349,13 +353,16 @@ def run_ray(args: Iterable[str], settings: Settings, address: str, *, workers: i
                     except RayActorError:
                         revive[handles[w].info.remote()] = w  # still restarting: ask again
                         continue
+                    how = "restarted on" if w in nodes else "on"
                     if info["error"] or not _same(ref_info, info):
-                        say(f"ray: worker {w} restarted on node {info['node']} but cannot be used: "
+                        say(f"ray: worker {w} {how} node {info['node']} cannot be used: "
                             f"{info['error'] or 'another model or weights'}")
                         continue
                     live.add(w)
+                    busy.setdefault(w, 0)
                     nodes[w] = info["node"]
-                    say(f"ray: worker {w} restarted on node {info['node']} (pid {info['pid']})")
+                    say(f"ray: worker {w} {how} node {info['node']} (pid {info['pid']}, engine pid "
+                        f"{info['daemon_pid']}, device {info['device']})")
                     continue
                 w, i = inflight.pop(ref)
                 busy[w] -= 1

@@ -274,3 +274,13 @@ def test_worker_flags_need_ray(tmp_path, inputs):
     r = unbake("bounce", "--workers", "2", inputs[2], "-o", tmp_path / "out",
                env=dict(os.environ, UNBAKE_ENDPOINT=f"ipc://{tmp_path}/engine.sock"))
     assert (r.returncode, r.stderr) == (1, "error: --workers, --worker-threads and --worker-gpus go with --ray ADDRESS\n")
+
+
+def test_workers_that_find_no_room_are_waited_for_a_while_then_left_to_join_later(cluster, env, inputs, tmp_path):
+    """--workers 3 on two 1-CPU nodes: the third never starts; the run goes on with two and says so."""
+    r = unbake("bounce", "--ray", cluster, "--workers", "3", *inputs[:3], "-n", MODEL, "-o", tmp_path / "out", env=env)
+    assert r.returncode == 0, r.stderr
+    assert [s for s, _ in rows(r.stdout).values()] == ["ok"] * 3
+    assert len(worker_lines(r.stderr)) == 2
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: --ray: 1 of 3 workers not started after "), r.stderr
