@@ -265,13 +265,13 @@ def run_ray(args: Iterable[str], settings: Settings, address: str, *, workers: i
                          f"need at least one worker, one thread, no negative GPUs")
     env = {k: os.environ[k] for k in ("UNBAKE_REPO",) if os.environ.get(k)}
     probe = _shared_probe(Path(settings.out_dir).resolve())
-    # -- the workers: actors spread over the nodes, restarted by Ray when they die
-    actor = ray.remote(BounceWorker).options(
-        num_cpus=threads, num_gpus=worker_gpus, max_restarts=-1, max_task_retries=0,
-        max_concurrency=max(1, settings.jobs), scheduling_strategy="SPREAD")
     say = log or (lambda line: None)
     handles: list = []
     try:
+        # -- the workers: actors spread over the nodes, restarted by Ray when they die
+        actor = ray.remote(BounceWorker).options(
+            num_cpus=threads, num_gpus=worker_gpus, max_restarts=-1, max_task_retries=0,
+            max_concurrency=max(1, settings.jobs), scheduling_strategy="SPREAD")
         handles += [actor.remote(settings, threads, env, probe) for _ in range(n)]
         probes = {h.info.remote(): w for w, h in enumerate(handles)}
         t0 = time.monotonic()
