@@ -68,8 +68,8 @@ from typing import Any, Callable, Iterable
 
 from engine.errors import BadAudio, BadRequest, EngineUnavailable, ProtocolError, UnbakeError
 
-__all__ = ["Input", "Job", "Result", "Settings", "expand_inputs", "read_list", "track_names", "plan",
-           "is_done", "bounce_one", "run", "format_summary"]
+__all__ = ["Input", "Job", "Result", "Settings", "Context", "expand_inputs", "read_list", "track_names", "plan",
+           "is_done", "bounce_one", "prepare", "check_run", "plan_run", "progress_line", "run", "format_summary"]
 
 AUDIO_EXTS = (".wav", ".flac", ".mp3", ".ogg", ".aiff", ".aif")
 LIST_EXTS = (".txt", ".lst", ".list", ".m3u", ".m3u8")
@@ -533,6 +533,11 @@ class Context:
     preset: Any = None
     hello: dict = field(default_factory=dict)
 
+    @property
+    def model_dir(self) -> str:
+        """The folder under OUT: ``MODEL``, or ``MODEL+CHAIN`` with a chain."""
+        return self.identity["model"]["name"] + (f"+{self.preset.name}" if self.preset is not None else "")
+
 
 def _one_line(e: BaseException, path: Path | None = None) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -668,6 +673,33 @@ def prepare(client, settings: Settings) -> Context:
                    str(hello.get("device") or "?"), preset, hello)
 
 
+def check_run(args: Iterable[str], settings: Settings, lists: Iterable[str] = ()) -> tuple[list, list]:
+    """The checks every run makes before it connects to anything: the output format (BadRequest
+    once, not once per input) and that some input is named. Returns (args, lists) as lists."""
+    settings.output_format()
+    args, lists = list(args), list(lists)
+    if not args and not lists:
+        raise BadRequest("no inputs: name files, folders, globs or list files (--list FILE)")
+    return args, lists
+
+
+def plan_run(args: list[str], lists: list[str], settings: Settings, model_dir: str, stems: list[str],
+             remix: bool) -> list[Job]:
+    """``expand_inputs`` (the output folder and ``OUT/model_dir`` excluded) then ``plan``: the Jobs of
+    a run, in input order. model_dir: ``Context.model_dir``; remix: whether a chain writes one.
+    Raises BadRequest (a template wrong for every input)."""
+    out_dir = Path(settings.out_dir).resolve()
+    inputs = expand_inputs(args, lists=lists, exclude=[out_dir, out_dir / model_dir])
+    return plan(inputs, out_dir, model_dir, stems, settings.output_format(), template=settings.template,
+                remix=remix)
+
+
+def progress_line(k: int, n: int, result: Result) -> str:
+    """The line ``log`` hears when the k-th of n inputs ends: ``[k/n] input: status (s)[: error]``."""
+    return (f"[{k}/{n}] {result.input}: {result.status} ({result.seconds:.1f} s)"
+            + (f": {result.error}" if result.error else ""))
+
+
 def run(args: Iterable[str], settings: Settings, *, lists: Iterable[str] = (),
         log: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None) -> list[Result]:
     """Bounce every input ``args`` and ``lists`` name (``expand_inputs``), ``settings.jobs`` at a
@@ -677,11 +709,7 @@ def run(args: Iterable[str], settings: Settings, *, lists: Iterable[str] = (),
     Raises (before any input is bounced) BadRequest for no inputs or a bad template / output format,
     and the errors of ``prepare`` (no engine, unknown model, bad chain preset).
     """
-    settings.output_format()  # a bad format fails here, once
-    args, lists = list(args), list(lists)
-    if not args and not lists:
-        raise BadRequest("no inputs: name files, folders, globs or list files (--list FILE)")
-    out_dir = Path(settings.out_dir).resolve()
+    args, lists = check_run(args, settings, lists)
     first = _connect(settings)
     clients = [first]
     lock = threading.Lock()
@@ -692,10 +720,7 @@ def run(args: Iterable[str], settings: Settings, *, lists: Iterable[str] = (),
             from .flags import engine_flag_warnings
             for line in engine_flag_warnings(ctx.hello, first.endpoint, **settings.engine_flags):
                 warn(line)
-        model_dir = ctx.identity["model"]["name"] + (f"+{ctx.preset.name}" if ctx.preset is not None else "")
-        inputs = expand_inputs(args, lists=lists, exclude=[out_dir, out_dir / model_dir])
-        jobs = plan(inputs, out_dir, model_dir, ctx.stems, settings.output_format(), template=settings.template,
-                    remix=ctx.preset is not None)
+        jobs = plan_run(args, lists, settings, ctx.model_dir, ctx.stems, ctx.preset is not None)
         done = [0]
 
         spare = [first] if settings.jobs <= 1 else []  # one job: the probe's connection is reused
@@ -717,8 +742,7 @@ def run(args: Iterable[str], settings: Settings, *, lists: Iterable[str] = (),
             if log is not None:
                 with lock:
                     done[0] += 1
-                    log(f"[{done[0]}/{len(jobs)}] {result.input}: {result.status} ({result.seconds:.1f} s)"
-                        + (f": {result.error}" if result.error else ""))
+                    log(progress_line(done[0], len(jobs), result))
             return result
 
         if settings.jobs <= 1:

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 USAGE = ("unbake bounce [-n MODEL] [--chain NAME] [-o OUT] [--filename TEMPLATE] [--float32 | --int24] "
          "[--flac | --mp3] [--two-stems STEM] [--segment S] [--overlap O] [--shifts N] [--jobs N] "
-         "[--list FILE] [--verify] [--endpoint ENDPOINT] [--repo DIR] [-d DEVICE] [--fp16] [-q] [INPUTS ...]")
+         "[--list FILE] [--verify] [--endpoint ENDPOINT] [--repo DIR] [-d DEVICE] [--fp16] "
+         "[--ray ADDRESS [--workers N] [--worker-threads N] [--worker-gpus G]] [-q] [INPUTS ...]")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -65,6 +66,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "own: a warning says so)")
     p.add_argument("--timeout-s", type=float, default=10.0, metavar="S",
                    help="give up on the engine after S seconds without a reply (default 10)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="spread the inputs over the workers of a Ray cluster (HOST:PORT, auto, or local); "
+                        "inputs and outputs must be on storage every node sees (needs unbake[ray])")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="with --ray: workers, each with its own engine (default: one per node)")
+    p.add_argument("--worker-threads", type=int, default=1, metavar="N",
+                   help="with --ray: CPUs (torch threads) per worker (default 1)")
+    p.add_argument("--worker-gpus", type=float, default=0.0, metavar="G",
+                   help="with --ray: GPUs per worker (default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines (the summary table is printed)")
     p.set_defaults(func=cmd_bounce)
     return p
@@ -76,6 +86,11 @@ def settings_from_args(args) -> Settings:
     from plugin_bridge.bounce import Settings
     if args.jobs < 1:
         raise BadRequest(f"--jobs must be >= 1, got {args.jobs}")
+    if args.ray is None and (args.workers is not None or args.worker_threads != 1 or args.worker_gpus):
+        raise BadRequest("--workers, --worker-threads and --worker-gpus go with --ray ADDRESS")
+    if args.workers is not None and args.workers < 1 or args.worker_threads < 1 or args.worker_gpus < 0:
+        raise BadRequest(f"--workers and --worker-threads must be >= 1 and --worker-gpus >= 0, got "
+                         f"{args.workers}, {args.worker_threads}, {args.worker_gpus:g}")
     fmt = output_format(args)
     daemon_args = (["-d", args.device] if args.device else []) + (["--fp16"] if args.fp16 else [])
     return Settings(out_dir=Path(args.out), model=args.model, template=args.filename, fmt=fmt,
@@ -97,8 +112,13 @@ def cmd_bounce(args) -> int:
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
         settings = settings_from_args(args)
-        results = run(args.inputs, settings, lists=args.lists, log=log,
-                      warn=lambda line: print(f"warning: {line}", file=sys.stderr, flush=True))
+        warn = lambda line: print(f"warning: {line}", file=sys.stderr, flush=True)  # noqa: E731
+        if args.ray is not None:
+            from plugin_bridge.bounce_ray import run_ray
+            results = run_ray(args.inputs, settings, args.ray, workers=args.workers, worker_gpus=args.worker_gpus,
+                              threads=args.worker_threads, lists=args.lists, log=log, warn=warn)
+        else:
+            results = run(args.inputs, settings, lists=args.lists, log=log, warn=warn)
     except UnbakeError as e:
         err(str(e))
         return 1
