@@ -53,8 +53,8 @@ class Service:
                  memory_budget_gb: float | None = None, limits: P.Limits = P.Limits(),
                  ray: str | None = None, replicas: int = 1, replica_gpus: float = 0,
                  replica_threads: int | None = None):
-        if threads:
-            torch.set_num_threads(threads)
+        if threads or ray is not None:  # with --ray this process only fills windows and adds them up
+            torch.set_num_threads(threads or 1)
         self.threads = torch.get_num_threads()
         self.repo = repo
         self.replicas = None

@@ -59,21 +59,6 @@ def _die_with_parent() -> None:  # preexec_fn: SIGKILL when the worker process d
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """A HOST:PORT address (or ``auto`` with $RAY_ADDRESS set) must accept a TCP connection:
-    ``ray.init`` retries a dead address for minutes, logging as it goes. Raises BadRequest."""
-    import socket
-    target = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
-    host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit() or "://" in target:
-        return  # `local`, plain `auto`, ray:// client addresses: Ray says what is wrong, quickly
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as e:
-        raise BadRequest(f"--ray {address}: cannot join a Ray cluster there (nothing answers at {target}: "
-                         f"{e.strerror or type(e).__name__})") from None
-
-
 _DIR_PREFIX = "unbake-bounce-"  # + the worker's pid: its private folder (the daemon's socket, its log)
 
 
@@ -255,7 +240,6 @@ def run_ray(args: Iterable[str], settings: Settings, address: str, *, workers: i
     from engine.raycluster import connect, import_ray
     args, lists = check_run(args, settings, lists)
     import_ray()  # no Ray: its one line first
-    _check_reachable(address)
     ray = connect(address)
     _ray_errors_to_stderr()
     from ray.exceptions import ActorDiedError, RayActorError

@@ -202,6 +202,14 @@ def test_without_ray_one_line(tmp_path):
     assert r.stderr.strip().splitlines() == ["unbake serve: --ray needs Ray, an optional extra: pip install 'unbake[ray]'"]
 
 
+def test_dead_address_one_line(tmp_path):
+    t0 = time.monotonic()
+    r = _serve("--endpoint", f"ipc://{tmp_path}/e.sock", "--ray", "127.0.0.1:1")
+    assert r.returncode == 1 and time.monotonic() - t0 < 60
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("unbake serve: --ray 127.0.0.1:1: cannot join a Ray cluster there"), lines
+
+
 def test_replica_flags_need_ray(tmp_path):
     r = _serve("--endpoint", f"ipc://{tmp_path}/e.sock", "--replicas", "3")
     assert r.returncode == 1
