@@ -529,10 +529,10 @@ class Streamer:
                 int(MAX_SHIFT_S * member.sample_rate) - rng.randint(0, int(MAX_SHIFT_S * member.sample_rate))
                 for _ in range(shifts)]
             scale = torch.tensor(w, dtype=torch.float32) / totals / len(prefixes)
-            # How another process builds this network (engine.replicas): the model's name and
-            # weights folder (engine.cache), the member of a bag, the segment override, the model
-            # options and the dtype.
-            recipe = (getattr(model, "name", None), getattr(model, "weights_repo", None),
+            # How another process builds this network (engine.replicas): the name and weights folder
+            # the model was loaded by (engine.cache), the member of a bag, the segment override, the
+            # model options and the dtype.
+            recipe = (*getattr(model, "loaded_as", (getattr(model, "name", None), None)),
                       index if isinstance(model, Bag) else None, member_segment,
                       tuple(sorted((model_options or {}).items())), None if dtype is None else str(dtype))
             for prefix in prefixes:

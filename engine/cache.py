@@ -95,8 +95,8 @@ class ModelCache:
         if owner:
             try:
                 model = registry.load_model(name, repo=repo, device=self.device)
-                # Where it came from, so that another process can load the same network (engine.replicas).
-                model.weights_repo = str(weights.repo_dir(repo))
+                # How it was loaded, so that another process can load the same network (engine.replicas).
+                model.loaded_as = (name, str(weights.repo_dir(repo)))
                 size = model_bytes(model)
                 with self.lock:
                     self._make_room(size, key)

@@ -75,7 +75,7 @@ class Service:
         budget = (default_memory_budget_bytes(self.device) if memory_budget_gb is None
                   else int(memory_budget_gb * GB))
         self.cache = ModelCache(repo, self.device, budget, warmup=warmup if self.replicas is None else
-                                (lambda m: self.replicas.warm(m.name, m.weights_repo)))
+                                (lambda m: self.replicas.warm(*m.loaded_as)))
         if max_batch is None:  # batching is slower on CPU (bench_htdemucs)
             max_batch = 8 if replica_gpus or self.device.type != "cpu" else 1
         self.scheduler = Scheduler(emit, max_batch=max_batch, max_queue_delay_s=max_queue_delay_s,

@@ -32,7 +32,7 @@ STEM_CHAIN_OPTIONS = {"segment_s": 2.0}
 
 @pytest.fixture(scope="module")
 def cluster():
-    with two_node_cluster(cpus_per_node=2) as address:  # room for the 2-replica engine and a 1-replica one
+    with two_node_cluster(cpus_per_node=4) as address:  # logical CPUs: room for every engine's replicas
         yield address
 
 
@@ -84,6 +84,24 @@ def test_one_shot_equals_local_and_replicas_run_on_both_nodes(engines, song):
     assert len({r["node"] for r in st["replicas"]}) == 2  # SPREAD: one replica on each node
     assert all(r["device"] == "cpu" and r["threads"] == 1 for r in st["replicas"])
     assert all(r["served"] > 0 for r in st["replicas"])  # 12 s at 1 s segments: both took batches
+
+
+def test_a_demucs_bag_from_a_session_weights_folder_equals_local(engines, tmp_path):
+    """A bag of two HTDemucs (random weights, official package format) in a folder the session names
+    (``Client(repo=...)``): the replicas load the same bag members from the same folder, by the name
+    the front door loaded it by, with the session's segment override."""
+    from tests.engine import demucs_fixtures as F
+    ray_engine, local = engines
+    repo = tmp_path / "bag-repo"
+    F.write_package(F.make_htdemucs(seed=1), repo, F.SIG_HT_A)
+    F.write_package(F.make_htdemucs(seed=2), repo, F.SIG_HT_B)
+    F.write_bag(repo, "twobag", [F.SIG_HT_A, F.SIG_HT_B], weights=[[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
+    x = np.random.default_rng(3).standard_normal((2, 5 * 44100)).astype(np.float32) * 0.1
+    outs = []
+    for engine in (ray_engine, local):
+        with Client(engine.endpoint, timeout_s=120, repo=str(repo)) as client:
+            outs.append(client.separate(x, 44100, "twobag", segment_s=2.0))
+    assert _max_diff(outs[0], outs[1]) == 0.0
 
 
 def test_streaming_random_blocks_and_latency_equal_local(engines, song):

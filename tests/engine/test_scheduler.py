@@ -174,3 +174,43 @@ def test_a_typed_error_of_a_session_reaches_its_client_with_its_code():
         assert replies.terminal(4)[0]["kind"] == "done"
     finally:
         sched.stop()
+
+
+def test_workers_run_sessions_at_once_and_each_session_in_grid_order():
+    """workers=2 with a forward elsewhere (as ``serve --ray``): batches of two sessions are in flight at
+    the same time, never two of one session; every output equals the session alone."""
+    model = SlowConv(segment_frames=1000, pad=4)
+    lock = threading.Lock()
+    flight: dict[int, int] = {}  # id(runner's track) -> batches in flight
+    most = [0, 0]  # most batches in flight at once: overall, of one session
+
+    def forward(runner, windows):
+        with lock:
+            flight[id(runner)] = flight.get(id(runner), 0) + 1
+            most[0] = max(most[0], sum(flight.values()))
+            most[1] = max(most[1], flight[id(runner)])
+        time.sleep(0.01)
+        try:
+            return runner.forward(windows)
+        finally:
+            with lock:
+                flight[id(runner)] -= 1
+
+    replies = Replies()
+    sched = Scheduler(replies, max_batch=1, forward=forward, workers=2)
+    try:
+        mixes = {f"s{i}": _mix(20_000 + 3_000 * i, i) for i in range(3)}
+        with sched.cond:
+            for i, (sid, mix) in enumerate(mixes.items()):
+                sched.add(sid, TrackSeparator(model, 8000, 2), "toy")
+                sched.submit(sid, b"x", 2 * i + 1, P.PUSH, mix)
+                sched.submit(sid, b"x", 2 * i + 2, P.CLOSE)
+        replies.wait_for(lambda items: sum(h["kind"] == "done" and h.get("final") for _, h, _ in items) == 3)
+        assert most == [2, 1], most
+        for sid, mix in mixes.items():
+            want = separate_array(model, mix, 8000)
+            got = replies.stems(sid)
+            assert got["low"].shape == want["low"].shape
+            assert float(np.abs(got["low"] - want["low"]).max()) == 0.0
+    finally:
+        sched.stop()
