@@ -35,7 +35,8 @@ def connect(address: str):
                      log_to_driver=False, logging_level="ERROR")
         except (ConnectionError, ValueError, RuntimeError) as e:
             raise BadRequest(f"--ray {address}: cannot join a Ray cluster there "
-                             f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+                             f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; "
+                             f"a cluster with token authentication also needs RAY_AUTH_MODE=token here)") from None
     return ray
 
 
