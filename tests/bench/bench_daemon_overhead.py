@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.bench.bench_models import CHOICES, bench_model  # noqa: E402
+
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 
@@ -35,28 +37,18 @@ def load_song(seconds: float) -> tuple[np.ndarray, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="spleeter-2stems", choices=["spleeter-2stems", "htdemucs"])
+    parser.add_argument("--model", default="spleeter-2stems", choices=CHOICES)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=30.0)
     args = parser.parse_args()
 
-    from engine import weights
     from engine.registry import load_model
     from engine.sessions import separate_array
     from plugin_bridge.client import Client
     from tests.engine.engine_proc import EngineProcess
 
     tmp = Path(tempfile.mkdtemp(prefix="unbake-bench-"))
-    if args.model == "htdemucs":
-        from tests.engine import demucs_fixtures as F
-        repo = tmp / "repo"
-        repo.mkdir()
-        F.write_package(F.make_official_size_htdemucs(seed=0), repo, "bench0ht")
-        name = "bench0ht"
-    else:
-        weights.fetch("spleeter-2stems")
-        repo = weights.repo_dir()
-        name = "spleeter-2stems"
+    repo, name = bench_model(args.model, tmp)
     mix, sr = load_song(args.seconds)
     model = load_model(name, repo=repo)
     engine = EngineProcess(f"ipc://{tmp}/e.sock", "--preload", name, "--repo", repo, log=tmp / "daemon.log")

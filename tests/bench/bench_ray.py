@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.bench.bench_models import CHOICES, bench_model  # noqa: E402
+
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 
@@ -36,27 +38,18 @@ SONG = ROOT.parent / "shared/eval-audio/real-dev-v1/cristina-vane-so-easy/mixtur
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="spleeter-2stems", choices=["spleeter-2stems", "htdemucs"])
+    parser.add_argument("--model", default="spleeter-2stems", choices=CHOICES)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--sessions", type=int, default=4)
     args = parser.parse_args()
 
-    from engine import weights
     from plugin_bridge.client import Client
     from tests.engine.engine_proc import EngineProcess
     from tests.ray_cluster import ray_env, two_node_cluster
 
     tmp = Path(tempfile.mkdtemp(prefix="unbake-bench-ray-"))
-    if args.model == "htdemucs":
-        from tests.engine import demucs_fixtures as F
-        repo = tmp / "repo"
-        repo.mkdir()
-        F.write_package(F.make_official_size_htdemucs(seed=0), repo, "bench0ht")
-        name = "bench0ht"
-    else:
-        weights.fetch("spleeter-2stems")
-        repo, name = weights.repo_dir(), "spleeter-2stems"
+    repo, name = bench_model(args.model, tmp)
     data, sr = sf.read(str(SONG), dtype="float32", always_2d=True, frames=int(args.seconds * 44100))
     mix = np.ascontiguousarray(data.T)
 

@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.bench.bench_models import bench_model  # noqa: E402
+
 EVAL = ROOT.parent / "shared/eval-audio/real-dev-v1"
 MODEL = "spleeter-2stems"
 
@@ -101,16 +103,7 @@ def main() -> None:
         child(mode, song, out, endpoint or None, model, repo)
         return
     tmp = Path(tempfile.mkdtemp(prefix="unbake-share-"))
-    if args.model == "htdemucs":  # the official architecture and size, random weights
-        from tests.engine import demucs_fixtures as F
-        repo = tmp / "repo"
-        repo.mkdir()
-        F.write_package(F.make_official_size_htdemucs(seed=0), repo, "bench0ht")
-        model = "bench0ht"
-    else:
-        from engine import weights
-        weights.fetch(MODEL)
-        repo, model = weights.repo_dir(), MODEL
+    repo, model = bench_model("htdemucs" if args.model == "htdemucs" else MODEL, tmp)
     for tool in (["cli", "array"] if args.tool == "both" else [args.tool]):
         compare(tool, model, repo, tmp)
 
