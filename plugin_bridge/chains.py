@@ -64,7 +64,11 @@ _REFUSED = ("Plugin", "PluginContainer", "Chain", "Mix", "Pedalboard", "External
 
 class ChainError(BadRequest):
     """A chain preset that cannot be used (code E_BAD_REQUEST); the message is one line naming the
-    file, the key (``stems.vocals.chain[0].room_size``) and the problem."""
+    file, the key (``stems.vocals.chain[0].room_size``) and the problem. Line breaks and other control
+    characters from the document (a key named ``"0\\n"``) are shown escaped, so it stays one line."""
+
+    def __init__(self, message: str):
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
 
 
 def _suggest(word: str, choices) -> str:

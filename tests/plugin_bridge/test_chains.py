@@ -10,7 +10,7 @@ import numpy as np
 import pedalboard
 import pytest
 import soundfile as sf
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from engine.errors import BadRequest
@@ -349,6 +349,8 @@ documents = mostly(documents, st.builds(lambda d, x: {**d, "x": x}, documents, v
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(documents)
+@example({"model": "htdemucs", "stems": {"0\n": False}})  # found by CI: a key with a line break
+@example({"model": "htdemucs", "others": {"\n": False}})
 def test_random_documents_raise_only_chain_error(tmp_path_factory, data):
     data = _drop_none(data)
     path = tmp_path_factory.mktemp("junk") / "junk.toml"
