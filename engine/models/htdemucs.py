@@ -73,6 +73,8 @@ class DemucsAdapter(nn.Module):
     mode rewrites its ``segment`` from the input length, which inference must never do.
     """
 
+    cpu_attention_fastpath = False  # True: demucs' own forward on the CPU too (the benchmark's "before")
+
     def __init__(self, model: nn.Module, name: str | None = None, segment_s: float | None = None,
                  default_overlap: float = 0.25):
         super().__init__()
@@ -164,7 +166,18 @@ class DemucsAdapter(nn.Module):
         if mix.dim() != 3 or mix.shape[1] != self.audio_channels:
             raise ValueError(
                 f"{self.name}: expected mix [batch, {self.audio_channels}, frames], got {tuple(mix.shape)}")
-        return self.model(mix)
+        if mix.device.type != "cpu" or self.cpu_attention_fastpath:
+            return self.model(mix)
+        # On the CPU, nn.MultiheadAttention's fused inference path (torch._native_multi_head_attention,
+        # in HTDemucs' cross-transformer) is slower than the plain ops for these shapes
+        # (tests/bench/bench_cpu_paths.py) and agrees with them to ~1e-7 relative. The switch is
+        # process-wide: set for this call and put back (the engine runs one forward at a time).
+        before = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return self.model(mix)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(before)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -1,0 +1,138 @@
+"""Benchmark: the HT-Demucs CPU paths against today's torch path, and against what this CPU can do.
+
+Run with ``python tests/bench/bench_cpu_paths.py [--seconds 30] [--rounds 5]`` (not collected by
+pytest). Official-size HTDemucs with random weights (and "stress" weights: every LayerScale set to 1)
+loaded through the engine's own loader; prints, in one run:
+
+- the conv ceiling: GFLOP/s of a large fp32 conv2d through oneDNN on this CPU (torch's threads);
+- per path, one 7.8 s segment: median time, achieved GFLOP/s and the fraction of the ceiling (on the
+  FLOPs torch's FlopCounterMode counts: ~250 GFLOP; it misses ~85 GFLOP of attention matmuls, so the
+  true rates are ~1.34x these),
+  the relative error against torch fp32 with the attention fast path on (as demucs runs it) on random
+  and on stress weights;
+- per path, a whole ``--seconds`` song through ``engine.apply.apply_model`` (segment 7.8, overlap
+  0.25): median wall time and the ratio to today's path (the fast path on).
+
+Paths: ``fastpath on`` (torch eager as demucs runs it; the engine before issue 15) and ``engine``
+(``DemucsAdapter.forward``: the attention fast path off on the CPU). Rounds alternate between paths.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from engine.apply import apply_model  # noqa: E402
+from engine.models.htdemucs import DemucsAdapter  # noqa: E402
+from tests.engine import demucs_fixtures as F  # noqa: E402
+from tests.engine.test_htdemucs_cpu_path import relative_error, stress  # noqa: E402
+
+SR = 44100
+
+
+@contextmanager
+def fastpath(enabled: bool):
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+def conv_ceiling_gflops(rounds: int = 5) -> float:
+    """fp32 conv2d, 256 -> 256 channels, 3x3, on [1, 256, 64, 512]: 38.7 GFLOP a call."""
+    x = torch.randn(1, 256, 64, 512)
+    w = torch.randn(256, 256, 3, 3)
+    flop = 2 * 256 * 256 * 9 * 62 * 510
+    with torch.inference_mode():
+        torch.nn.functional.conv2d(x, w)
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            torch.nn.functional.conv2d(x, w)
+            times.append(time.perf_counter() - t0)
+    return flop / min(times) / 1e9
+
+
+def count_gflop(adapter: DemucsAdapter, x: torch.Tensor) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.inference_mode(), fastpath(False), FlopCounterMode(display=False) as counter:
+        adapter.model(x)
+    return counter.get_total_flops() / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")
+
+    ceiling = conv_ceiling_gflops()
+    print(f"conv ceiling (fp32 conv2d, oneDNN): {ceiling:.1f} GFLOP/s")
+    model = F.make_official_size_htdemucs(seed=0)
+    adapter = DemucsAdapter(model, name="htdemucs")
+    x = 0.1 * torch.randn(1, 2, adapter.valid_length(adapter.segment_frames), generator=torch.Generator().manual_seed(1))
+    gflop = count_gflop(adapter, x)
+    print(f"one {adapter.segment_s:.1f} s segment: {gflop:.1f} GFLOP as FlopCounterMode counts them (it misses "
+          f"~85 GFLOP of attention matmuls)")
+
+    paths = {"fastpath on": lambda m, v: _fast(m, v), "engine": lambda m, v: m(v)}
+
+    # errors on random and stress weights, against the fast path on
+    errors = {name: {} for name in paths}
+    for weights in ("random", "stress"):
+        m = DemucsAdapter(stress(F.make_official_size_htdemucs(seed=0)) if weights == "stress" else model, name="h")
+        with torch.inference_mode():
+            ref = _fast(m, x)
+            for name, fn in paths.items():
+                errors[name][weights] = relative_error(fn(m, x), ref)
+
+    seg = {name: [] for name in paths}
+    song = {name: [] for name in paths}
+    mix = 0.1 * torch.randn(2, int(args.seconds * SR), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        for fn in paths.values():  # warm
+            fn(adapter, x)
+        for _ in range(args.rounds):
+            for name, fn in paths.items():
+                t0 = time.perf_counter()
+                fn(adapter, x)
+                seg[name].append(time.perf_counter() - t0)
+        for _ in range(max(1, args.rounds // 2)):
+            for name in paths:
+                t0 = time.perf_counter()
+                adapter.cpu_attention_fastpath = name == "fastpath on"
+                with fastpath(True):
+                    apply_model(adapter, mix, segment_s=7.8, overlap=0.25)
+                adapter.cpu_attention_fastpath = False
+                song[name].append(time.perf_counter() - t0)
+    base_seg = statistics.median(seg["fastpath on"])
+    base_song = statistics.median(song["fastpath on"])
+    print(f"{'path':<12} {'segment s':>9} {'GFLOP/s':>8} {'of ceiling':>10} {'rel.err random':>14} "
+          f"{'rel.err stress':>14} {f'{args.seconds:g} s song':>10} {'ratio':>6}")
+    for name in paths:
+        s, w = statistics.median(seg[name]), statistics.median(song[name])
+        print(f"{name:<12} {s:9.3f} {gflop / s:8.1f} {gflop / s / ceiling:10.2f} {errors[name]['random']:14.2e} "
+              f"{errors[name]['stress']:14.2e} {w:10.2f} {w / base_song:6.3f}")
+    print(f"segment time ratio engine / fastpath on: {statistics.median(seg['engine']) / base_seg:.3f}")
+
+
+def _fast(adapter: DemucsAdapter, x: torch.Tensor) -> torch.Tensor:
+    with fastpath(True):
+        return adapter.model(x)
+
+
+if __name__ == "__main__":
+    main()
