@@ -28,6 +28,47 @@ def pick_device(name: str | None = None) -> torch.device:
     return device
 
 
+PRECISIONS = ("fp32", "bf16")
+# Families whose bf16 output was checked on real weights (tests/bench/bench_precision.py: dev-set SDR
+# within 0.05 dB of fp32). Others (HT-Demucs, RoFormer: random weights here) stay fp32.
+BF16_VERIFIED_ATTR = "bf16_verified"
+
+
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """(whether ``device`` computes bf16 natively, a few words naming it). CPU: the avx512_bf16 or
+    amx_bf16 flag on Linux (torch's own check elsewhere); CUDA: ``torch.cuda.is_bf16_supported``."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported()), f"CUDA device {torch.cuda.get_device_name(device)}"
+    if device.type != "cpu":
+        return False, f"device {device}"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        return bool({"avx512_bf16", "amx_bf16"} & set(flags)), "this CPU (no avx512_bf16 or amx_bf16)"
+    except OSError:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "this CPU"
+
+
+def precision_dtype(device: torch.device, precision: str | None, models) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` ("fp32" or None: None, float32; "bf16": torch.bfloat16)
+    of ``models`` (Separators or Bags) on ``device``. Raises BadRequest, in one line, for another
+    value, for a model whose bf16 output is not verified, and for a device without native bf16 (never
+    a slow emulation chosen silently)."""
+    if precision in (None, "fp32"):
+        return None
+    if precision != "bf16":
+        raise BadRequest(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
+    unverified = [getattr(m, "name", type(m).__name__) for m in models if not getattr(m, BF16_VERIFIED_ATTR, False)]
+    if unverified:
+        raise BadRequest(f"precision bf16 is not verified for {', '.join(unverified)} (it is for spleeter-2stems: "
+                         f"dev-set SDR within 0.05 dB of fp32); use fp32")
+    ok, what = native_bf16(device)
+    if not ok:
+        raise BadRequest(f"precision bf16: {what} has no native bf16, and unbake does not emulate it "
+                         f"(many times slower than fp32); use fp32")
+    return torch.bfloat16
+
+
 def pick_dtype(device: torch.device, fp16: bool) -> torch.dtype | None:
     """torch.float16 (autocast) when asked for on CUDA; None (float32) otherwise."""
     if fp16 and device.type != "cuda":

@@ -88,6 +88,7 @@ OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "two_stems": (str,), "transition_power": (int, float),
     "context_s": (int, float), "lookahead_s": (int, float),  # engine.apply's past-context rule
     "residual": (bool, str),  # engine.ensemble.ResidualTrack: true, or the stem that takes it
+    "precision": (str,),  # "fp32" or "bf16" (engine.devices.precision_dtype)
     # the model's own options (engine.sessions.MODEL_OPTIONS; spleeter-2stems only)
     "full_band": (bool,), "mask_exponent": (int, float), "wiener_iterations": (int,), "tta": (list, tuple),
 }
@@ -392,6 +393,8 @@ def check_options(options: dict, where: str) -> dict:
         if len(tta) > len(TTA_CHOICES) or any(not isinstance(t, str) or t not in TTA_CHOICES for t in tta):
             raise BadRequest(f"{where}: tta must be a list of {', '.join(map(repr, TTA_CHOICES))}, got {list(tta)!r}")
         out["tta"] = list(tta)
+    if "precision" in out and out["precision"] not in ("fp32", "bf16"):
+        raise BadRequest(f"{where}: precision must be fp32 or bf16, got {out['precision'][:20]!r}")
     if "two_stems" in out and not 0 < len(out["two_stems"]) <= 64:
         raise BadRequest(f"{where}: two_stems must name a stem")
     return out

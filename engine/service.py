@@ -116,9 +116,10 @@ class Service:
             opts = dict(options)
             two_stems = opts.pop("two_stems", None)
             residual = opts.pop("residual", False)
+            dtype = self._dtype(opts.pop("precision", None), [net])
             try:
                 track = TrackSeparator(net, sample_rate, channels, two_stems=two_stems,
-                                       where=f"session {sid}", dtype=self.dtype, **opts)
+                                       where=f"session {sid}", dtype=dtype, **opts)
             except ValueError as e:
                 raise BadRequest(f"session {sid}: {e}") from None
             if residual:
@@ -133,9 +134,20 @@ class Service:
                 "weights_sha256": registry.weights_sha256(name, self.repo if repo is None else repo),
                 "repo": repo}
 
+    def _dtype(self, precision: str | None, models: list) -> torch.dtype | None:
+        """The session's dtype: the engine's (fp16 on CUDA, or None), or bf16 when the session asks
+        and it is verified for its models and native on the device (engine.devices.precision_dtype)."""
+        if precision in (None, "fp32"):
+            return self.dtype
+        if self.replicas is not None and precision == "bf16":  # the replicas' devices are not known here
+            raise BadRequest("precision bf16 is not available with --ray (replicas compute in fp32 or --fp16)")
+        return devices.precision_dtype(self.device, precision, models)
+
     def _open_preset(self, sid: str, preset: str, sample_rate: int, channels: int, options: dict,
                      repo: str | None = None) -> dict:
         folder = self.repo if repo is None else repo
+        options = dict(options)
+        precision = options.pop("precision", None)
         plan = presets.resolve(preset, options, folder)
         held: list[str] = []
         try:
@@ -143,7 +155,8 @@ class Service:
             for m in dict.fromkeys(m.model for m in plan.members):
                 name, models[m] = self.cache.acquire(m, repo)
                 held.append(name)
-            track = open_track(plan, models, sample_rate, channels, where=f"session {sid}", dtype=self.dtype)
+            track = open_track(plan, models, sample_rate, channels, where=f"session {sid}",
+                               dtype=self._dtype(precision, list(models.values())))
 
             def release() -> None:
                 for name in held:

@@ -249,6 +249,8 @@ class Spleeter(nn.Module):
     # the overflow-free ratio masks (``masks``) the output is finite for peaks up to ~1e32
     # (float32's 3.4e38 over the STFT's gain of 2048 and the U-Nets' ~820 measured on songs).
     max_input_peak = 1e3
+    # bf16 checked on the real weights: dev-set SDR within 0.05 dB of fp32 (bench_precision.py)
+    bf16_verified = True
 
     # Options (``with_options``): what a session may change without copying the weights.
     OPTIONS = ("full_band", "mask_exponent", "wiener_iterations", "tta")

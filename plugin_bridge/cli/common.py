@@ -32,6 +32,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     _add_quality_args(p)
     p.add_argument("-d", "--device", default=None, help="cpu, cuda, cuda:N, mps (default: cuda if available)")
     p.add_argument("--fp16", action="store_true", help="half precision on CUDA")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="bf16: bfloat16 autocast where verified (spleeter-2stems) and native (CPUs with "
+                        "avx512_bf16/amx, recent GPUs); refused otherwise (default fp32)")
     p.add_argument("-j", "--jobs", type=int, default=None, help="CPU threads for the network")
     p.add_argument("--batch-segments", type=int, default=None, metavar="N",
                    help="segments per forward pass (GPU: more is faster; default 1 in process, the "
@@ -73,6 +76,7 @@ def _load(args):
     if presets.is_preset(name):
         raise BadRequest(f"{name} is a separation preset: `unbake eval` takes a model name")
     model = registry.load_model(name, repo=args.repo, device=device)
+    dtype = devices.precision_dtype(device, getattr(args, "precision", None), [model]) or dtype
     options = dict(segment_s=args.segment, overlap=args.overlap, shifts=args.shifts or 0,
                    batch_segments=args.batch_segments or 1, dtype=dtype, **_model_options(args))
     return name, model, options, device
@@ -95,6 +99,7 @@ def _load_track(args):
     plan = presets.resolve(name, caller, args.repo)
     models = {m: registry.load_model(m, repo=args.repo, device=device)
               for m in dict.fromkeys(m.model for m in plan.members)}
+    dtype = devices.precision_dtype(device, getattr(args, "precision", None), list(models.values())) or dtype
 
     def make(sample_rate, channels, where):
         return open_track(plan, models, sample_rate, channels, where=where, dtype=dtype,

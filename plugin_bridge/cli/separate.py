@@ -129,7 +129,7 @@ def _separate_via_daemon(args, unusable: dict[int, Exception] | None = None) -> 
     from plugin_bridge.client import Client
     from plugin_bridge.files import separate_file_via
     options = dict(segment_s=args.segment, overlap=args.overlap, shifts=args.shifts, two_stems=args.two_stems,
-                   residual=args.residual or None)
+                   residual=args.residual or None, precision=getattr(args, "precision", None))
     options = {k: v for k, v in options.items() if v is not None}
     try:
         options.update(_model_options(args))
