@@ -73,9 +73,11 @@ def test_loaded_adapter_equals_the_in_memory_model_exactly(repo, sig):
     frames = adapter.valid_length(100_000)
     x = _noise(frames, batch=2)
     with torch.inference_mode():
-        out = adapter(x)
+        # the loaded network, run as demucs runs it, equals the original exactly; the adapter's own CPU
+        # path (the attention fast path off) is within 1e-4 of it: test_htdemucs_cpu_path.py
+        out = adapter.model(x)
         ref = original(x)
-    assert out.shape == (2, 4, 2, frames)
+        assert adapter(x).shape == (2, 4, 2, frames)
     assert torch.equal(out, ref)
 
 
@@ -139,7 +141,7 @@ def test_unknown_constructor_arguments_are_dropped_like_demucs(repo, tmp_path):
         adapter = load_demucs_package(path)
     x = _noise(T)
     with torch.inference_mode():
-        assert torch.equal(adapter(x), repo["models"][F.SIG_HT_A](x))
+        assert torch.equal(adapter.model(x), repo["models"][F.SIG_HT_A](x))  # the network as demucs runs it
 
 
 def test_not_a_demucs_model_cannot_be_wrapped():
@@ -257,7 +259,7 @@ def test_bag_with_weights_matches_demucs_bag_of_models(repo):
     x = _noise(T)
     with torch.inference_mode():
         for member, model in zip(bag.members, ref.models):
-            assert torch.equal(member(x), model(x))
+            assert torch.equal(member.model(x), model(x))  # each member's network as demucs runs it
 
 
 @pytest.mark.parametrize("segment,expected", [(5, Fraction(5)), (7.8, 7.8), (10, Fraction(39, 5))])
