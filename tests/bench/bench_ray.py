@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,9 +86,10 @@ def main() -> None:
             "local": EngineProcess(f"ipc://{tmp}/l.sock", "--jobs", "1", "--preload", name, env=env,
                                    log=tmp / "l.log"),
         }
-        for e in engines.values():
-            e.start(timeout_s=300)
-        try:
+        with ExitStack() as running:  # every engine started is stopped (EngineProcess.__exit__), also on failure
+            for e in engines.values():
+                running.push(e.__exit__)
+                e.start(timeout_s=300)
             want = separate(engines["local"].endpoint)
             for e in engines.values():  # warm: first-call allocations, replicas' networks
                 separate(e.endpoint)
@@ -101,12 +103,6 @@ def main() -> None:
                     for out in outs:
                         diff = max(diff, max(float(np.abs(out[k] - want[k]).max()) for k in want))
             nodes = {r["node"] for r in engines["ray x2"].status()["replicas"]}
-        finally:
-            for e in engines.values():
-                try:
-                    e.stop()
-                except Exception:
-                    e.kill()
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"model {name}, {args.seconds:g} s song, {args.rounds} alternating rounds, replicas of 1 thread; "
           f"ray x2 replicas on {len(nodes)} nodes")
