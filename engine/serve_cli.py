@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-d", "--device", default=None, help="cpu, cuda, cuda:N, mps (default: cuda if available)")
     p.add_argument("--fp16", action="store_true", help="half precision (CUDA autocast)")
     p.add_argument("-j", "--jobs", type=int, default=None, help="CPU threads for the networks")
+    p.add_argument("--cpu-runtime", choices=["torch", "onnx"], default=None,
+                   help="onnx: HT-Demucs' network on onnxruntime on the CPU (pip install 'unbake[onnx]'; "
+                        "built once per weights file, cached beside it); default torch, the faster here")
     p.add_argument("--repo", default=None, help="folder of model weights (default: $UNBAKE_REPO or the user cache)")
     p.add_argument("--preload", default="", metavar="MODEL,...",
                    help="models to load and warm up before reporting ready")
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
                        max_batch=args.max_batch, max_queue_delay_s=args.max_queue_delay_ms / 1000,
                        memory_budget_gb=args.memory_budget_gb, limits=limits, ray=ray,
                        replicas=args.replicas, replica_gpus=args.replica_gpus,
-                       replica_threads=args.replica_threads)
+                       replica_threads=args.replica_threads, cpu_runtime=args.cpu_runtime)
 
     try:
         daemon = Daemon(endpoint, service_factory, limits=limits, idle_exit_s=args.idle_exit_s,

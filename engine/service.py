@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from typing import Callable
 
 import torch
@@ -46,13 +47,16 @@ class Service:
     there (engine.replicas), each with ``replica_threads`` CPU threads and ``replica_gpus`` GPUs;
     device and fp16 are then the replicas' (fp16 needs replica_gpus > 0), and this process keeps
     the sessions, the grid and the overlap-add, with the models on its CPU for their geometry.
-    None: everything here."""
+    None: everything here.
+
+    cpu_runtime: "onnx" runs HTDemucs' network on onnxruntime on the CPU (engine.models.onnx_core;
+    not with ray); None or "torch": torch."""
 
     def __init__(self, emit: Callable, *, device: str | None = None, fp16: bool = False, repo=None,
                  threads: int | None = None, max_batch: int | None = None, max_queue_delay_s: float = 0.002,
                  memory_budget_gb: float | None = None, limits: P.Limits = P.Limits(),
                  ray: str | None = None, replicas: int = 1, replica_gpus: float = 0,
-                 replica_threads: int | None = None):
+                 replica_threads: int | None = None, cpu_runtime: str | None = None):
         if threads or ray is not None:  # with --ray this process only fills windows and adds them up
             torch.set_num_threads(threads or 1)
         self.threads = torch.get_num_threads()
@@ -74,7 +78,17 @@ class Service:
                                      device=device)
         budget = (default_memory_budget_bytes(self.device) if memory_budget_gb is None
                   else int(memory_budget_gb * GB))
-        self.cache = ModelCache(repo, self.device, budget, warmup=warmup if self.replicas is None else
+        if cpu_runtime not in (None, "torch") and self.replicas is not None:
+            raise BadRequest("--cpu-runtime onnx is not available with --ray (the replicas run torch)")
+        self.cpu_runtime = cpu_runtime or "torch"
+
+        def prepare(model):
+            if self.cpu_runtime != "torch":
+                from .models.onnx_core import use_cpu_runtime
+                use_cpu_runtime(model, self.device, self.cpu_runtime,
+                                lambda msg: print(f"unbake serve: {msg}", file=sys.stderr, flush=True))
+            warmup(model)
+        self.cache = ModelCache(repo, self.device, budget, warmup=prepare if self.replicas is None else
                                 (lambda m: self.replicas.warm(*m.loaded_as)))
         if max_batch is None:  # batching is slower on CPU (bench_htdemucs)
             max_batch = 8 if replica_gpus or self.device.type != "cpu" else 1

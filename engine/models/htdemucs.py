@@ -29,6 +29,7 @@ from demucs.htdemucs import HTDemucs
 
 from ..errors import CheckpointError
 from .base import Bag
+from .htdemucs_core import split_forward
 
 __all__ = [
     "DEMUCS_MODEL_CLASSES",
@@ -74,6 +75,8 @@ class DemucsAdapter(nn.Module):
     """
 
     cpu_attention_fastpath = False  # True: demucs' own forward on the CPU too (the benchmark's "before")
+    cpu_core = None  # an engine.models.onnx_core.OnnxCore: HTDemucs' network on onnxruntime (CPU, fp32)
+    weights_path = None  # the package file it was loaded from (load_demucs_package), for onnx_core
 
     def __init__(self, model: nn.Module, name: str | None = None, segment_s: float | None = None,
                  default_overlap: float = 0.25):
@@ -168,6 +171,8 @@ class DemucsAdapter(nn.Module):
                 f"{self.name}: expected mix [batch, {self.audio_channels}, frames], got {tuple(mix.shape)}")
         if mix.device.type != "cpu" or self.cpu_attention_fastpath:
             return self.model(mix)
+        if self.cpu_core is not None and mix.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+            return split_forward(self.model, mix, self.cpu_core)  # --cpu-runtime onnx
         # On the CPU, nn.MultiheadAttention's fused inference path (torch._native_multi_head_attention,
         # in HTDemucs' cross-transformer) is slower than the plain ops for these shapes
         # (tests/bench/bench_cpu_paths.py) and agrees with them to ~1e-7 relative. The switch is
@@ -297,7 +302,9 @@ def load_demucs_package(path: Path, device: str | torch.device = "cpu", name: st
     del package
     model.to(device)
     model.eval()
-    return DemucsAdapter(model, name=name if name is not None else _signature_of(path), segment_s=segment_s)
+    adapter = DemucsAdapter(model, name=name if name is not None else _signature_of(path), segment_s=segment_s)
+    adapter.weights_path = path
+    return adapter
 
 
 def _parse_bag(yaml_path: Path) -> tuple[list[str], list[list[float]] | None, float | None]:
@@ -343,15 +350,19 @@ def load_demucs_bag(yaml_path: Path, resolve: Callable[[str], Path],
     yaml_path = Path(yaml_path)
     sigs, weights, segment = _parse_bag(yaml_path)
     loaded: dict[str, nn.Module] = {}
+    paths: dict[str, Path] = {}
     members = []
     for sig in sigs:
         if sig not in loaded:
-            loaded[sig] = load_demucs_package(Path(resolve(sig)), device=device, name=sig).model
+            paths[sig] = Path(resolve(sig))
+            loaded[sig] = load_demucs_package(paths[sig], device=device, name=sig).model
         model = loaded[sig]
         if segment is not None and (not isinstance(model, HTDemucs) or segment <= model.segment):
             model.segment = segment
         members.append(model)
     adapters = [DemucsAdapter(m, name=sig) for m, sig in zip(members, sigs)]
+    for adapter, sig in zip(adapters, sigs):
+        adapter.weights_path = paths[sig]
     try:
         return Bag(name=yaml_path.stem, members=adapters, weights=weights,
                    segment_s=None if segment is None else float(segment))

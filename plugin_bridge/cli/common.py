@@ -36,6 +36,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="bf16: bfloat16 autocast where verified (spleeter-2stems) and native (CPUs with "
                         "avx512_bf16/amx, recent GPUs); refused otherwise (default fp32)")
     p.add_argument("-j", "--jobs", type=int, default=None, help="CPU threads for the network")
+    p.add_argument("--cpu-runtime", choices=["torch", "onnx"], default=None,
+                   help="onnx: HT-Demucs' network on onnxruntime on the CPU (pip install 'unbake[onnx]'; "
+                        "built once per weights file, cached beside it; default torch)")
     p.add_argument("--batch-segments", type=int, default=None, metavar="N",
                    help="segments per forward pass (GPU: more is faster; default 1 in process, the "
                         "engine's --max-batch through the daemon)")
@@ -76,6 +79,7 @@ def _load(args):
     if presets.is_preset(name):
         raise BadRequest(f"{name} is a separation preset: `unbake eval` takes a model name")
     model = registry.load_model(name, repo=args.repo, device=device)
+    _cpu_runtime(args, model, device)
     dtype = devices.precision_dtype(device, getattr(args, "precision", None), [model]) or dtype
     options = dict(segment_s=args.segment, overlap=args.overlap, shifts=args.shifts or 0,
                    batch_segments=args.batch_segments or 1, dtype=dtype, **_model_options(args))
@@ -99,12 +103,22 @@ def _load_track(args):
     plan = presets.resolve(name, caller, args.repo)
     models = {m: registry.load_model(m, repo=args.repo, device=device)
               for m in dict.fromkeys(m.model for m in plan.members)}
+    for model in models.values():
+        _cpu_runtime(args, model, device)
     dtype = devices.precision_dtype(device, getattr(args, "precision", None), list(models.values())) or dtype
 
     def make(sample_rate, channels, where):
         return open_track(plan, models, sample_rate, channels, where=where, dtype=dtype,
                           batch_segments=args.batch_segments or 1)
     return name, make, device
+
+
+def _cpu_runtime(args, model, device) -> None:
+    """--cpu-runtime onnx in process (engine.models.onnx_core); problems are one warning line."""
+    runtime = getattr(args, "cpu_runtime", None)
+    if runtime not in (None, "torch"):
+        from engine.models.onnx_core import use_cpu_runtime
+        use_cpu_runtime(model, device, runtime, _warn)
 
 
 def _daemon_args(args) -> list[str]:
@@ -120,6 +134,8 @@ def _daemon_args(args) -> list[str]:
         out += ["-j", str(args.jobs)]
     if getattr(args, "batch_segments", None):
         out += ["--max-batch", str(args.batch_segments)]
+    if getattr(args, "cpu_runtime", None):
+        out += ["--cpu-runtime", args.cpu_runtime]
     return out
 
 
