@@ -57,6 +57,8 @@ class Service:
                  memory_budget_gb: float | None = None, limits: P.Limits = P.Limits(),
                  ray: str | None = None, replicas: int = 1, replica_gpus: float = 0,
                  replica_threads: int | None = None, cpu_runtime: str | None = None):
+        if cpu_runtime not in (None, "torch") and ray is not None:
+            raise BadRequest("--cpu-runtime onnx is not available with --ray (the replicas run torch)")
         if threads or ray is not None:  # with --ray this process only fills windows and adds them up
             torch.set_num_threads(threads or 1)
         self.threads = torch.get_num_threads()
@@ -78,8 +80,6 @@ class Service:
                                      device=device)
         budget = (default_memory_budget_bytes(self.device) if memory_budget_gb is None
                   else int(memory_budget_gb * GB))
-        if cpu_runtime not in (None, "torch") and self.replicas is not None:
-            raise BadRequest("--cpu-runtime onnx is not available with --ray (the replicas run torch)")
         self.cpu_runtime = cpu_runtime or "torch"
 
         def prepare(model):
