@@ -52,10 +52,17 @@ def _precise_group_norm(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return _group_norm(self, x)
 
 
+# Below this many elements per group a GroupNorm keeps its own op (onnxruntime's InstanceNormalization
+# is precise enough there, and one op is faster than the decomposition).
+PRECISE_MIN_ELEMENTS = 1 << 16
+
+
 def _group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     B, C = x.shape[:2]
     rest = x.shape[2:]
     g = norm.num_groups
+    if x[0].numel() // g < PRECISE_MIN_ELEMENTS:  # shapes are static in an export
+        return F.group_norm(x, g, norm.weight, norm.bias, norm.eps)
     y = x.reshape(B, g, C // g, *rest)
     dims = tuple(range(2, y.dim()))
     mean = _mean(y, dims)

@@ -45,7 +45,7 @@ __all__ = ["ARTEFACT_DIR", "CPU_RUNTIMES", "MAX_RELATIVE_ERROR", "OnnxCore", "at
 ARTEFACT_DIR = ".onnx-cores"
 MAX_RELATIVE_ERROR = 1e-4
 OPSET = 17
-FORMAT = 1  # bump when the export changes: old artefacts are then rebuilt
+FORMAT = 2  # bump when the export changes: old artefacts are then rebuilt
 INSTALL_HINT = "pip install 'unbake[onnx]'"
 
 _build_lock = threading.Lock()
@@ -178,16 +178,17 @@ def _core_for(adapter, weights_path: Path, log) -> OnnxCore | None:
 def _build(adapter, frames: int, onnx_path: Path, record_path: Path, want: dict, log) -> OnnxCore | None:
     folder = onnx_path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    model = adapter.model
-    gen = torch.Generator().manual_seed(0)
-    mix = 0.1 * torch.randn(1, model.audio_channels, frames, generator=gen)
-    with torch.no_grad(), _mha_fastpath_off():
-        padded, _, mag, _ = spec_in(model, mix)
-        data = _export(HTDemucsCore(model, precise=True).eval(), mag, padded)
+    # The temporary file first: a folder that cannot be written fails now, not after the export.
     fd, tmp = tempfile.mkstemp(prefix=onnx_path.name + ".", suffix=".partial", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
+            t0 = time.monotonic()
+            model = adapter.model
+            gen = torch.Generator().manual_seed(0)
+            mix = 0.1 * torch.randn(1, model.audio_channels, frames, generator=gen)
+            with torch.no_grad(), _mha_fastpath_off():
+                padded, _, mag, _ = spec_in(model, mix)
+                data = _export(HTDemucsCore(model, precise=True).eval(), mag, padded)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -212,7 +213,8 @@ def _build(adapter, frames: int, onnx_path: Path, record_path: Path, want: dict,
         raise
     log(f"{adapter.name}: built its onnx core in {record['built_s']} s ({onnx_path}, relative error "
         f"{err:.1e} against torch)")
-    return OnnxCore(onnx_path, frames)
+    core.path = onnx_path  # the session read the file before it was renamed
+    return core
 
 
 def _export(core: HTDemucsCore, mag: torch.Tensor, mix: torch.Tensor) -> bytes:
