@@ -22,7 +22,7 @@ client picks and that every reply to it carries as ``re``)::
 Replies (header keys; every reply has ``v``, ``kind`` and ``re``)::
 
     hello     {protocol, engine_version, device, limits, pid, fp16, threads,
-               max_batch}                                                         terminal
+               max_batch, cpu_runtime}                                            terminal
     status    {uptime_s, device, models, queue_depth, sessions, served, ...}      terminal
     models    {models: [{name, sources, installed, loaded}]}                      terminal
     ready     {session, model, stems, sample_rate, channels, model_sample_rate,
@@ -52,7 +52,8 @@ mode 0600; ``ipc_is_private``) may name one: any other peer gets ``E_NOT_PERMITT
 daemon goes on serving. ``ready.repo`` echoes the folder asked for (None: the engine's own).
 ``hello`` states the engine's settings so that a client can tell which of its flags a running
 engine does not honour: ``device`` (str), ``fp16`` (bool), ``threads`` (int, CPU threads of the
-networks), ``max_batch`` (int, segments per forward pass) and ``pid`` (int); older engines send ``device``
+networks), ``max_batch`` (int, segments per forward pass), ``cpu_runtime`` ("torch" or "onnx") and
+``pid`` (int); older engines send ``device``
 only (a client then cannot tell, and says so).
 """
 from __future__ import annotations

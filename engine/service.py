@@ -105,14 +105,14 @@ class Service:
 
     def settings(self) -> dict:
         """What this engine computes with, as ``hello`` states it: device (str), fp16 (bool),
-        threads (int), max_batch (int); with --ray also ray (the address) and replicas (int), and
+        threads (int), max_batch (int), cpu_runtime (str: torch or onnx); with --ray also ray (the address) and replicas (int), and
         device is "ray" (each replica's own device is in ``status``)."""
         if self.replicas is not None:
             return {"device": "ray", "fp16": self.dtype == torch.float16, "threads": self.threads,
                     "max_batch": self.scheduler.max_batch, "ray": self.replicas.address,
                     "replicas": len(self.replicas.actors)}
         return {"device": str(self.device), "fp16": self.dtype == torch.float16, "threads": self.threads,
-                "max_batch": self.scheduler.max_batch}
+                "max_batch": self.scheduler.max_batch, "cpu_runtime": self.cpu_runtime}
 
     def open(self, sid: str, model: str | None, sample_rate: int, channels: int, options: dict,
              repo: str | None = None) -> dict:

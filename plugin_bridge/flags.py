@@ -41,10 +41,11 @@ def _device_honoured(asked: str, used: str) -> bool:
 
 
 def engine_flag_warnings(hello: dict, endpoint: str, *, device: str | None = None, fp16: bool = False,
-                         jobs: int | None = None, batch_segments: int | None = None) -> list[str]:
+                         jobs: int | None = None, batch_segments: int | None = None,
+                         cpu_runtime: str | None = None) -> list[str]:
     """One line (without the ``warning: `` prefix) per engine flag given that the engine which
     answered ``hello`` at ``endpoint`` does not honour: ``-d`` (device), ``--fp16``, ``-j`` (CPU
-    threads), ``--batch-segments`` (its ``--max-batch``). Each says what the engine uses and how to get
+    threads), ``--batch-segments`` (its ``--max-batch``), ``--cpu-runtime``. Each says what the engine uses and how to get
     what was asked. Flags not given (None / False) are not checked. An engine that does not state a
     setting in ``hello`` (older ones state the device only) counts as not honouring it."""
     pid = hello.get("pid")
@@ -68,6 +69,11 @@ def engine_flag_warnings(hello: dict, endpoint: str, *, device: str | None = Non
         checks.append((used == batch_segments, f"{used} segment(s) per forward pass" if isinstance(used, int)
                        else "an unstated batch size", f"{batch_segments}", f"--batch-segments {batch_segments}",
                        f"--max-batch {batch_segments}"))
+    if cpu_runtime:
+        used = hello.get("cpu_runtime")
+        checks.append((used == cpu_runtime or (cpu_runtime == "torch" and used is None),
+                       f"the {used} CPU runtime" if isinstance(used, str) else "an unstated CPU runtime",
+                       cpu_runtime, f"--cpu-runtime {cpu_runtime}", f"--cpu-runtime {cpu_runtime}"))
     return [f"the running engine at {endpoint} uses {used}, not {asked} ({flag}); stop it ({stop}) so that "
             f"this command starts one with {flag}, or start one with `unbake serve {serve_flag} --endpoint "
             f"ENDPOINT` and pass --endpoint ENDPOINT"

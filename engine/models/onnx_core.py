@@ -16,8 +16,9 @@ input before it is recorded (relative error <= ``MAX_RELATIVE_ERROR``); one that
 refused, and the model stays on torch.
 
 Without onnxruntime (an extra: ``pip install 'unbake[onnx]'``) ``attach`` says so in one line and
-leaves the models on torch. The choice of runtime is the caller's: on the CPU this project was
-measured on (AVX2), torch is faster and stays the default (tests/bench/bench_cpu_paths.py).
+leaves the models on torch. The choice of runtime is the caller's; torch stays the default: on the
+CPU this was measured on (2 cores, AVX2) onnxruntime gained little and holds a second copy of the
+weights (tests/bench/bench_cpu_paths.py).
 """
 from __future__ import annotations
 

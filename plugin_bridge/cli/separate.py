@@ -158,7 +158,7 @@ def _separate_via_daemon(args, unusable: dict[int, Exception] | None = None) -> 
             hello = clients[0].hello()
             device = hello.get("device", "?")
             for line in engine_flag_warnings(hello, endpoint, device=args.device, fp16=args.fp16, jobs=args.jobs,
-                                             batch_segments=args.batch_segments):
+                                             batch_segments=args.batch_segments, cpu_runtime=args.cpu_runtime):
                 _warn(line)
             # One session opened and cancelled up front: the model is loaded, its name known, and a bad
             # model, stem or option is one line before any file is read (as in process).

@@ -87,3 +87,14 @@ def test_an_engine_that_does_not_state_a_setting_is_warned_about():
         "the running engine at ipc:///x uses unstated CPU threads, not 2 (-j 2)",
         "the running engine at ipc:///x uses an unstated batch size, not 3 (--batch-segments 3)"]
     assert all("`unbake status` shows its pid" in line for line in lines)
+
+
+def test_cpu_runtime_of_the_running_engine():
+    hello = {"device": "cpu", "cpu_runtime": "torch", "pid": 42}
+    assert engine_flag_warnings(hello, "ipc:///x", cpu_runtime="torch") == []
+    lines = engine_flag_warnings(hello, "ipc:///x", cpu_runtime="onnx")
+    assert lines == ["the running engine at ipc:///x uses the torch CPU runtime, not onnx (--cpu-runtime onnx); "
+                     "stop it (kill 42) so that this command starts one with --cpu-runtime onnx, or start one with "
+                     "`unbake serve --cpu-runtime onnx --endpoint ENDPOINT` and pass --endpoint ENDPOINT"]
+    assert engine_flag_warnings({"device": "cpu"}, "ipc:///x", cpu_runtime="torch") == []  # older: torch
+    assert len(engine_flag_warnings({"device": "cpu"}, "ipc:///x", cpu_runtime="onnx")) == 1

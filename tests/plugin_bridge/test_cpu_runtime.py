@@ -86,3 +86,24 @@ def test_daemon_streaming_equals_one_shot_on_the_onnx_core(setup, tmp_path):
     assert float(np.abs(stems_a - in_process).max()) <= 1e-6  # the daemon runs the same onnx core
     text = log.read_text()
     assert "built its onnx core" not in text and "using torch" not in text, text  # loaded from the cache
+
+
+def test_bag_with_shifts_on_the_onnx_core(setup, tmp_path):
+    """An ensemble (a demucs bag of two HTDemucs, one core each) with a shifted pass: onnx within 1e-4
+    of torch, every member on its core."""
+    _, song, _ = setup
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    F.build_fixture_repo(repo)
+    outs = {}
+    for runtime in ("torch", "onnx"):
+        r = unbake("separate", "--in-process", "--cpu-runtime", runtime, "-n", "tiny_htdemucs_ft", "--repo", repo,
+                   "--shifts", "1", "-o", tmp_path / runtime, "--float32", "-q", song)
+        assert r.returncode == 0, r.stderr
+        if runtime == "onnx":
+            assert r.stderr.count("built its onnx core") == 2, r.stderr
+        outs[runtime] = np.stack([read(tmp_path / runtime / "tiny_htdemucs_ft" / song.stem / f"{s}.wav")[0]
+                                  for s in STEMS])
+    for i, stem in enumerate(STEMS):
+        rel = _rel(outs["onnx"][i], outs["torch"][i])
+        assert 0 < rel <= 1e-4, (stem, rel)
