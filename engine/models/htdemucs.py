@@ -29,7 +29,7 @@ from demucs.htdemucs import HTDemucs
 
 from ..errors import CheckpointError
 from .base import Bag
-from .htdemucs_core import split_forward
+from .htdemucs_core import mha_fastpath, split_forward
 
 __all__ = [
     "DEMUCS_MODEL_CLASSES",
@@ -177,12 +177,8 @@ class DemucsAdapter(nn.Module):
         # in HTDemucs' cross-transformer) is slower than the plain ops for these shapes
         # (tests/bench/bench_cpu_paths.py) and agrees with them to ~1e-7 relative. The switch is
         # process-wide: set for this call and put back (the engine runs one forward at a time).
-        before = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
+        with mha_fastpath(False):
             return self.model(mix)
-        finally:
-            torch.backends.mha.set_fastpath_enabled(before)
 
     def train(self, mode: bool = True):
         super().train(mode)

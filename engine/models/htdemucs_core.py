@@ -13,6 +13,7 @@ torch; the export uses it. Eager torch runs ``precise=False``, demucs' own ops.
 """
 from __future__ import annotations
 
+import contextlib
 import types
 from typing import Callable
 
@@ -23,7 +24,20 @@ from torch import nn
 from demucs.htdemucs import HTDemucs
 from demucs.transformer import MyGroupNorm
 
-__all__ = ["HTDemucsCore", "split_forward", "spec_in"]
+__all__ = ["HTDemucsCore", "mha_fastpath", "split_forward", "spec_in"]
+
+
+@contextlib.contextmanager
+def mha_fastpath(enabled: bool):
+    """nn.MultiheadAttention's fused inference path on or off (a process-wide switch) for the block,
+    put back after. Off: the plain ops (faster on the CPU for HTDemucs' shapes; the only ones that
+    export to ONNX)."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def _mean(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:

@@ -22,7 +22,6 @@ weights (tests/bench/bench_cpu_paths.py).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -38,7 +37,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .htdemucs_core import HTDemucsCore, spec_in
+from .htdemucs_core import HTDemucsCore, mha_fastpath, spec_in
 
 __all__ = ["ARTEFACT_DIR", "CPU_RUNTIMES", "MAX_RELATIVE_ERROR", "OnnxCore", "attach", "onnxruntime_missing",
            "use_cpu_runtime"]
@@ -187,14 +186,14 @@ def _build(adapter, frames: int, onnx_path: Path, record_path: Path, want: dict,
             model = adapter.model
             gen = torch.Generator().manual_seed(0)
             mix = 0.1 * torch.randn(1, model.audio_channels, frames, generator=gen)
-            with torch.no_grad(), _mha_fastpath_off():
+            with torch.no_grad(), mha_fastpath(False):
                 padded, _, mag, _ = spec_in(model, mix)
                 data = _export(HTDemucsCore(model, precise=True).eval(), mag, padded)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         core = OnnxCore(Path(tmp), frames)
-        with torch.inference_mode(), _mha_fastpath_off():
+        with torch.inference_mode(), mha_fastpath(False):
             ref = HTDemucsCore(model)(mag, padded)
             out = core(mag, padded)
         err = max(float((o - r).norm() / r.norm().clamp_min(1e-30)) for o, r in zip(out, ref))
@@ -228,17 +227,6 @@ def _export(core: HTDemucsCore, mag: torch.Tensor, mix: torch.Tensor) -> bytes:
                           dynamic_axes={"mag": batch, "mix": batch, "x": batch, "xt": batch},
                           opset_version=OPSET, dynamo=False)
     return buf.getvalue()
-
-
-@contextlib.contextmanager
-def _mha_fastpath_off():
-    """nn.MultiheadAttention's fused path has no ONNX export (and is off on the CPU path anyway)."""
-    before = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def _sha256(path: Path) -> str:

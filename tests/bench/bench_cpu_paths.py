@@ -28,7 +28,6 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,21 +40,11 @@ from engine import registry  # noqa: E402
 from engine.apply import apply_model  # noqa: E402
 from engine.models import onnx_core  # noqa: E402
 from engine.models.htdemucs import DemucsAdapter  # noqa: E402
-from engine.models.htdemucs_core import HTDemucsCore, split_forward  # noqa: E402
+from engine.models.htdemucs_core import HTDemucsCore, mha_fastpath, split_forward  # noqa: E402
 from tests.engine import demucs_fixtures as F  # noqa: E402
 from tests.engine.test_htdemucs_cpu_path import relative_error, stress  # noqa: E402
 
 SR = 44100
-
-
-@contextmanager
-def fastpath(enabled: bool):
-    before = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(enabled)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def conv_ceiling_gflops(rounds: int = 5) -> float:
@@ -75,7 +64,7 @@ def conv_ceiling_gflops(rounds: int = 5) -> float:
 
 def count_gflop(adapter: DemucsAdapter, x: torch.Tensor) -> float:
     from torch.utils.flop_counter import FlopCounterMode
-    with torch.inference_mode(), fastpath(False), FlopCounterMode(display=False) as counter:
+    with torch.inference_mode(), mha_fastpath(False), FlopCounterMode(display=False) as counter:
         adapter.model(x)
     return counter.get_total_flops() / 1e9
 
@@ -165,7 +154,7 @@ def _song(adapter, mix, fn) -> None:
     fastpath_on, core = fn.setup
     adapter.cpu_attention_fastpath, adapter.cpu_core = fastpath_on, core
     try:
-        with fastpath(True):  # the process-wide default, as demucs runs
+        with mha_fastpath(True):  # the process-wide default, as demucs runs
             apply_model(adapter, mix, segment_s=7.8, overlap=0.25)
     finally:
         adapter.cpu_attention_fastpath, adapter.cpu_core = False, None
@@ -179,7 +168,7 @@ def _path(fastpath_on: bool, cores: dict | None):
         adapter.cpu_attention_fastpath = fastpath_on
         adapter.cpu_core = None if cores is None else cores[weights]
         try:
-            with fastpath(True):
+            with mha_fastpath(True):
                 return adapter(x)
         finally:
             adapter.cpu_attention_fastpath, adapter.cpu_core = before
@@ -195,7 +184,7 @@ def _compiled(adapters: dict, x: torch.Tensor):
     for weights, a in adapters.items():
         core = torch.compile(HTDemucsCore(a.model).eval(), dynamic=False)
         t0 = time.perf_counter()
-        with torch.inference_mode(), fastpath(False):
+        with torch.inference_mode(), mha_fastpath(False):
             split_forward(a.model, x, core)
         print(f"torch.compile + freezing ({weights} weights): compiled in {time.perf_counter() - t0:.1f} s")
         compiled[weights] = lambda mag, mix, c=core: c(mag, mix)  # not an nn.Module attribute
