@@ -14,6 +14,7 @@ from engine.models import onnx_core
 from engine.models.htdemucs_core import HTDemucsCore, split_forward
 from tests.engine import demucs_fixtures as F
 from tests.engine.test_htdemucs_cpu_path import relative_error, stress
+from tests.plugin_bridge.test_disk_full import tmpfs  # noqa: F401 (a fixture)
 
 pytest.importorskip("onnxruntime")
 
@@ -136,6 +137,23 @@ def test_without_onnxruntime_one_line_and_torch(tmp_path, monkeypatch):
     assert lines == ["--cpu-runtime onnx needs onnxruntime, an optional extra: pip install 'unbake[onnx]'; "
                      "using torch"]
     assert not (repo / onnx_core.ARTEFACT_DIR).exists()
+
+
+def test_full_disk_one_line_torch_and_nothing_left(tmpfs):  # noqa: F811
+    """The weights on a disk with no room for the artefact: the export fails in one line, no partial
+    file stays, and the model separates on torch."""
+    net = F.make_htdemucs(seed=1)
+    probe = F.write_package(net, tmpfs(1 << 24), "5eed0e01")  # its size, on a roomy tmpfs
+    repo = tmpfs(probe.stat().st_size + (64 << 10))
+    F.write_package(net, repo, "5eed0e01")
+    model, n, lines = _attach(repo, "5eed0e01")
+    assert n == 0 and model.cpu_core is None
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("5eed0e01: --cpu-runtime onnx failed (OSError: [Errno 28] No space left on device")
+    assert lines[0].endswith("; using torch")
+    assert list((repo / onnx_core.ARTEFACT_DIR).iterdir()) == []
+    with torch.inference_mode():
+        assert torch.isfinite(model(_input(model))).all()
 
 
 def test_not_on_other_devices_or_families(spleeter):
