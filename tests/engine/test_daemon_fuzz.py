@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 
 ERROR_CODES = {"E_PROTOCOL", "E_LIMIT", "E_BAD_REQUEST", "E_BAD_AUDIO", "E_UNKNOWN_SESSION", "E_UNKNOWN_MODEL",
                "E_QUEUE_FULL", "E_WEIGHTS_MISSING", "E_MODEL"}
+TTL_S = 3  # the fuzz engine's --session-ttl-s
 KEEP_FRAMES = 4410  # 0.1 s every 0.5 s: audio keeps a session (protocol.SESSION_TTL_S_PER_AUDIO_S), 1 frame would not
 RSS_GROWTH_LIMIT_MB = 300
 
@@ -41,7 +42,7 @@ def readable_id(frames: list) -> int | None:
 @pytest.fixture(scope="module")
 def engine(spleeter_repo, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
-    with EngineProcess(f"ipc://{tmp}/e.sock", "--preload", "spleeter-2stems", "--session-ttl-s", "3",
+    with EngineProcess(f"ipc://{tmp}/e.sock", "--preload", "spleeter-2stems", "--session-ttl-s", str(TTL_S),
                        env={"UNBAKE_REPO": str(spleeter_repo)}, log=tmp / "daemon.log") as proc:
         yield proc
 
@@ -138,9 +139,10 @@ def test_malformed_messages_get_error_replies_and_memory_stays_bounded(engine, p
                                    frames=44100))
     assert ok[-1][0]["kind"] == "done"
     rss0 = proc_rss_mb(engine.proc.pid)
-    seen = {"errors": 0, "other": 0, "opened": 0}
+    seen = {"errors": 0, "other": 0, "opened": 0, "reopened": 0}
     codes = set()
     touched = [time.monotonic()]  # when the real session was last pushed to
+    real = [session]  # the real session (another one only if this one expired after a whole TTL)
 
     @settings(max_examples=2000, deadline=None, database=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
@@ -148,11 +150,18 @@ def test_malformed_messages_get_error_replies_and_memory_stays_bounded(engine, p
     @given(st.data())
     def one(data):
         if time.monotonic() - touched[0] > 0.5:  # keep the real session well within its 3 s TTL
-            kept = peer.replies(peer.request(P.PUSH, [np.zeros((2, KEEP_FRAMES), np.float32)], session=session,
+            gap = time.monotonic() - touched[0]
+            kept = peer.replies(peer.request(P.PUSH, [np.zeros((2, KEEP_FRAMES), np.float32)], session=real[0],
                                              channels=2, frames=KEEP_FRAMES))
-            assert kept[-1][0]["kind"] == "done", (kept, engine.log_text()[-3000:])
+            if kept[-1][0].get("code") == "E_UNKNOWN_SESSION" and gap >= TTL_S:
+                # The machine stalled this test for a whole TTL (seen once under CI load): the engine was
+                # right to free the session. Open another; an expiry before the TTL still fails below.
+                real[0] = _open(peer)
+                seen["reopened"] += 1
+            else:
+                assert kept[-1][0]["kind"] == "done", (gap, kept, engine.log_text()[-3000:])
             touched[0] = time.monotonic()
-        frames = data.draw(messages(session))
+        frames = data.draw(messages(real[0]))
         peer.send(frames)
         while True:  # exactly one terminal reply per message (progress keep-alives may come first)
             header, _ = peer.recv(timeout_s=15)
@@ -180,6 +189,7 @@ def test_malformed_messages_get_error_replies_and_memory_stays_bounded(engine, p
     assert seen["errors"] >= 1800, seen
     assert {"E_PROTOCOL", "E_LIMIT", "E_BAD_AUDIO", "E_UNKNOWN_SESSION", "E_BAD_REQUEST"} <= codes, codes
     assert seen["opened"] >= 5, seen  # valid opens at drawn rates and options did happen
+    assert seen["reopened"] <= 2, seen  # a stall of a whole TTL is rare; more says the engine frees early
     assert engine.proc.poll() is None, "the daemon died"
     rss1 = proc_rss_mb(engine.proc.pid)
     peak = engine.status()["peak_rss_mb"]
