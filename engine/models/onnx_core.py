@@ -37,6 +37,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..weights import sha256_of
 from .htdemucs_core import HTDemucsCore, mha_fastpath, spec_in
 
 __all__ = ["ARTEFACT_DIR", "CPU_RUNTIMES", "MAX_RELATIVE_ERROR", "OnnxCore", "attach", "onnxruntime_missing",
@@ -168,7 +169,7 @@ def _core_for(adapter, weights_path: Path, log) -> OnnxCore | None:
                 log(f"{adapter.name}: --cpu-runtime onnx refused for these weights ({record['refused']}); "
                     f"using torch")
                 return None
-            if onnx_path.is_file() and _sha256(onnx_path) == record.get("onnx_sha256"):
+            if onnx_path.is_file() and sha256_of(onnx_path) == record.get("onnx_sha256"):
                 return OnnxCore(onnx_path, frames)
             log(f"{adapter.name}: the onnx artefact {onnx_path} is missing or does not match its "
                 f"record; rebuilding it")
@@ -227,14 +228,6 @@ def _export(core: HTDemucsCore, mag: torch.Tensor, mix: torch.Tensor) -> bytes:
                           dynamic_axes={"mag": batch, "mix": batch, "x": batch, "xt": batch},
                           opset_version=OPSET, dynamo=False)
     return buf.getvalue()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_record(path: Path) -> dict | None:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from engine import registry
+from engine import registry, weights
 from engine.models import onnx_core
 from engine.models.htdemucs_core import HTDemucsCore, split_forward
 from tests.engine import demucs_fixtures as F
@@ -102,7 +102,7 @@ def test_artefact_is_cached_verified_and_rebuilt(tmp_path):
     assert lines[0] == (f"{sig}: the onnx artefact {onnx} is missing or does not match its record; "
                         "rebuilding it")
     assert lines[1].startswith(f"{sig}: built its onnx core in ")
-    assert onnx_core._sha256(onnx) == record["onnx_sha256"]  # the same export, byte for byte
+    assert weights.sha256_of(onnx) == record["onnx_sha256"]  # the same export, byte for byte
 
     onnx.unlink()  # gone: rebuilt too
     assert _attach(repo, sig)[1] == 1 and onnx.is_file()
