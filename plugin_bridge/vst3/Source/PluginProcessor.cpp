@@ -74,9 +74,11 @@ void UnbakeProcessor::sessionLoop()
     while (! quitSessionThread)
     {
         std::this_thread::sleep_for (std::chrono::milliseconds (20));
+        // offline, a failed session is not retried here: a reconnect between two blocks would go on
+        // mid-render from a fresh stream (shifted by the latency); the next render's reset() reopens it
         auto wanted = [this] {
             const double now = nowMs();
-            const bool retry = (! sessionOk || engine.failed()) && now - lastFailMs >= kRetryS * 1000.0;
+            const bool retry = ! isNonRealtime() && (! sessionOk || engine.failed()) && now - lastFailMs >= kRetryS * 1000.0;
             return active && sessionRate > 0 && ((needsNewSession && now >= reopenNotBeforeMs.load()) || retry);
         };
         {
@@ -85,7 +87,16 @@ void UnbakeProcessor::sessionLoop()
                 continue;
         }
         // never hold sessionMutex while taking the callback lock (an offline block holds the callback
-        // lock and may take sessionMutex)
+        // lock and may take sessionMutex). Offline, the host's next block waits for the open (it may
+        // wait; suspended, JUCE's wrapper would render it as silence); in real time it is suspended.
+        if (isNonRealtime())
+        {
+            const juce::ScopedLock callback (getCallbackLock());
+            const std::lock_guard<std::mutex> lk (sessionMutex);
+            if (wanted())
+                openSession (sessionRate, sessionChannels, false);
+            continue;
+        }
         suspendProcessing (true);
         {
             const std::lock_guard<std::mutex> lk (sessionMutex);
@@ -291,8 +302,9 @@ void UnbakeProcessor::reset()
     // a new stream: a new session (unless this one has not had a frame yet), opened by the next
     // prepareToPlay or layout check, by the next offline block, or in the background after
     // kResetGraceMs while the host keeps the plugin active; a host may call reset() from the audio
-    // thread, so nothing here waits for the engine
-    if (framesPushed > 0)
+    // thread, so nothing here waits for the engine. Offline, a session that failed (the engine went
+    // away, or was not there) is tried again here, as the render starts (see sessionLoop)
+    if (framesPushed > 0 || (isNonRealtime() && (! sessionOk || engine.failed())))
     {
         reopenNotBeforeMs = nowMs() + kResetGraceMs;
         needsNewSession = true;
