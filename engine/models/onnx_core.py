@@ -37,7 +37,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..weights import sha256_of
 from .htdemucs_core import HTDemucsCore, mha_fastpath, spec_in
 
 __all__ = ["ARTEFACT_DIR", "CPU_RUNTIMES", "MAX_RELATIVE_ERROR", "OnnxCore", "attach", "onnxruntime_missing",
@@ -64,15 +63,20 @@ def onnxruntime_missing() -> str | None:
 class OnnxCore:
     """``core(mag [B, 2C, Fq, T], mix [B, C, L]) -> (x [B, S, 2C, Fq, T], xt [B, S, C, L])`` on
     onnxruntime, as ``HTDemucsCore``; float32 CPU tensors in and out; any batch size. ``frames``: the
-    only window length (L) it takes. Thread-safe (``InferenceSession.run`` is)."""
+    only window length (L) it takes. ``sha256``: the artefact's recorded hash; the session is made
+    from the very bytes that were checked (bytes that do not match raise ``RuntimeError``).
+    Thread-safe (``InferenceSession.run`` is)."""
 
-    def __init__(self, path: Path, frames: int, threads: int | None = None):
+    def __init__(self, path: Path, frames: int, threads: int | None = None, sha256: str | None = None):
         import onnxruntime as ort
+        self.path, self.frames = Path(path), int(frames)
+        data = self.path.read_bytes()
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise RuntimeError(f"{self.path} does not match its recorded sha256")
         so = ort.SessionOptions()
         so.intra_op_num_threads = int(threads or torch.get_num_threads())
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        self.path, self.frames = Path(path), int(frames)
+        self.session = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
     def __call__(self, mag: torch.Tensor, mix: torch.Tensor):
         assert mix.shape[-1] == self.frames, (mix.shape, self.frames)  # [B, C, frames]
@@ -169,8 +173,10 @@ def _core_for(adapter, weights_path: Path, log) -> OnnxCore | None:
                 log(f"{adapter.name}: --cpu-runtime onnx refused for these weights ({record['refused']}); "
                     f"using torch")
                 return None
-            if onnx_path.is_file() and sha256_of(onnx_path) == record.get("onnx_sha256"):
-                return OnnxCore(onnx_path, frames)
+            try:
+                return OnnxCore(onnx_path, frames, sha256=record.get("onnx_sha256"))
+            except (OSError, RuntimeError):  # missing, unreadable or changed: rebuilt below
+                pass
             log(f"{adapter.name}: the onnx artefact {onnx_path} is missing or does not match its "
                 f"record; rebuilding it")
         return _build(adapter, frames, onnx_path, record_path, want, log)
@@ -193,7 +199,7 @@ def _build(adapter, frames: int, onnx_path: Path, record_path: Path, want: dict,
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        core = OnnxCore(Path(tmp), frames)
+        core = OnnxCore(Path(tmp), frames, sha256=hashlib.sha256(data).hexdigest())
         with torch.inference_mode(), mha_fastpath(False):
             ref = HTDemucsCore(model)(mag, padded)
             out = core(mag, padded)
