@@ -38,6 +38,7 @@ import yaml
 from torch import nn
 
 from ..errors import CheckpointError
+from .roformer_cpu import speed_up
 
 __all__ = [
     "RoformerCheckpointError",
@@ -346,4 +347,5 @@ def load_roformer(ckpt_path, yaml_path, device: str | torch.device = "cpu",
     net = build_network(cfg, where=str(yaml_path))
     _load_state(ckpt_path, net, _read_state(ckpt_path))
     net.to(device)
+    speed_up(net)  # float32 on the CPU: rotary embeddings and RMSNorm in fewer passes (roformer_cpu)
     return RoformerSeparator(net, cfg, name=name if name is not None else ckpt_path.stem)

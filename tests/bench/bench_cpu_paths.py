@@ -19,6 +19,12 @@ Paths: ``fastpath on`` (torch eager as demucs runs it; the engine before issue 1
 here through the same cache users hit; when onnxruntime is installed) and, with ``--compile``,
 ``compiled`` (torch.compile with inductor freezing of the same network part; minutes to compile, so
 not offered to users). Rounds alternate between paths.
+
+With ``--roformer`` it measures BS-RoFormer instead (viperx ep_317's size: dim 512, depth 12, 160 M
+parameters; random weights from the loader's ``build_network``): one 8 s chunk per round, bs-roformer's
+own classes (``library``) against the engine's (``engine``: engine.models.roformer_cpu, what
+``load_roformer`` gives every RoFormer), with GFLOP/s, the fraction of the ceiling and the relative
+error. A whole 30 s song is ~6 chunks of the same work (MSST's overlap 4: 4x that), so it is not run.
 """
 from __future__ import annotations
 
@@ -75,12 +81,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--compile", action="store_true",
                         help="also torch.compile (inductor, freezing) of the network part: minutes to compile")
+    parser.add_argument("--roformer", action="store_true",
+                        help="BS-RoFormer (viperx size): bs-roformer's classes against the engine's CPU paths")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}")
 
     ceiling = conv_ceiling_gflops()
     print(f"conv ceiling (fp32 conv2d, oneDNN): {ceiling:.1f} GFLOP/s")
+    if args.roformer:
+        return roformer(args.rounds, ceiling)
     tmp = Path(tempfile.mkdtemp(prefix="bench_cpu_paths."))
     adapters = {}
     for weights in ("random", "stress"):  # through the loader and the artefact cache users hit
@@ -148,6 +158,50 @@ def main() -> None:
             vs_engine = statistics.median(seg[name]) / statistics.median(seg["engine"])
             print(f"segment time ratio {name} / fastpath on: {statistics.median(seg[name]) / base_seg:.3f}"
                   + (f"; {name} / engine: {vs_engine:.3f}" if name != "engine" else ""))
+
+
+VIPERX = {"dim": 512, "depth": 12, "stereo": True, "num_stems": 1, "time_transformer_depth": 1,
+          "freq_transformer_depth": 1, "linear_transformer_depth": 0, "dim_head": 64, "heads": 8,
+          "attn_dropout": 0.1, "ff_dropout": 0.1, "flash_attn": True, "dim_freqs_in": 1025, "stft_n_fft": 2048,
+          "stft_hop_length": 441, "stft_win_length": 2048, "stft_normalized": False, "mask_estimator_depth": 2,
+          "multi_stft_resolution_loss_weight": 1.0, "multi_stft_resolutions_window_sizes": (4096, 2048, 1024, 512, 256),
+          "multi_stft_hop_size": 147, "multi_stft_normalized": False}
+
+
+def roformer(rounds: int, ceiling: float) -> None:
+    """BS-RoFormer, one 8 s chunk: bs-roformer's classes against engine.models.roformer_cpu."""
+    import copy
+
+    from bs_roformer.bs_roformer import DEFAULT_FREQS_PER_BANDS
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from engine.models.roformer import build_network
+    from engine.models.roformer_cpu import speed_up
+    torch.manual_seed(0)
+    library = build_network({"model": dict(VIPERX, freqs_per_bands=DEFAULT_FREQS_PER_BANDS)}).eval()
+    engine = copy.deepcopy(library)
+    speed_up(engine)
+    x = 0.1 * torch.randn(1, 2, 352800, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            ref = library(x)
+        gflop = counter.get_total_flops() / 1e9
+        err = relative_error(engine(x), ref)
+        times = {"library": [], "engine": []}
+        for _ in range(max(1, rounds)):
+            for name, net in (("library", library), ("engine", engine)):
+                t0 = time.perf_counter()
+                net(x)
+                times[name].append(time.perf_counter() - t0)
+    print(f"BS-RoFormer (viperx size, random weights), one 8 s chunk: {gflop:.1f} GFLOP as FlopCounterMode "
+          f"counts them; {max(1, rounds)} rounds")
+    print(f"{'path':<8} {'chunk s':>8} {'GFLOP/s':>8} {'of ceiling':>10} {'rel.err':>9}")
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        print(f"{name:<8} {t:8.2f} {gflop / t:8.1f} {gflop / t / ceiling:10.2f} "
+              f"{0.0 if name == 'library' else err:9.2e}")
+    print(f"chunk time ratio engine / library: "
+          f"{statistics.median(times['engine']) / statistics.median(times['library']):.3f}")
 
 
 def _song(adapter, mix, fn) -> None:
