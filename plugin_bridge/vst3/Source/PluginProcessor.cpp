@@ -57,10 +57,11 @@ void UnbakeProcessor::parameterChanged (const juce::String& parameterID, float n
 }
 
 // While the host has the plugin active (prepared), in the background: a new session after reset()
-// or a change of model or endpoint in real time (the audio thread never waits for one), and a new
-// try every kRetryS while there is no engine or the last one went away (it reconnects when the
-// engine is back). Processing is suspended (the host's wrapper outputs silence) while the session
-// changes.
+// or a change of model or endpoint in real time (the audio thread never waits for one), and, in
+// real time, a new try every kRetryS while there is no engine or the last one went away (it
+// reconnects when the engine is back; offline the next render's reset() does). In real time,
+// processing is suspended (the host's wrapper outputs silence) while the session changes; offline
+// the host's next block waits for it.
 //
 // Quiet when the host lets go: a VST3 host deactivates a plugin with setProcessing(false) (JUCE's
 // wrapper calls reset()) then setActive(false) (releaseResources), also when it deletes it, at the
