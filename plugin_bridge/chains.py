@@ -15,7 +15,8 @@ A preset says, per stem of a separation, which pedalboard effects to run, the ga
     plugin = "Reverb"                # a built-in pedalboard effect class name
     room_size = 0.6                  # its constructor parameters (`help(pedalboard.Reverb)`)
 
-Parameter values: numbers for float parameters (finite; frequencies > 0), true/false for bool
+Parameter values: numbers for float parameters (finite; frequencies > 0; LFO rates up to 100 Hz,
+``Resample`` up to 768 kHz), true/false for bool
 ones, the member name as a string for enum ones (``mode = "HPF12"`` for ``LadderFilter``), and for
 a ``*_filename`` parameter (``Convolution``'s impulse response) a path, relative to the preset's folder.
 Only pedalboard's built-in effects are allowed: no ``VST3Plugin``/``AudioUnitPlugin`` (external
@@ -56,6 +57,11 @@ __all__ = ["ChainError", "ChainPreset", "StemSpec", "CHAINS_DIR", "ChainTrack", 
 
 CHAINS_DIR = Path(__file__).resolve().parents[1] / "presets" / "chains"
 GAIN_DB_RANGE = (-100.0, 100.0)
+# Finite values pedalboard takes but cannot render: JUCE's Phaser and Chorus LFOs are specified below
+# 100 Hz (at 1.6e15 Hz a Phaser's render never returned), and Resample to 10 MHz ran for minutes or
+# ran out of memory. (Values that only give NaN or inf, e.g. a filter's gain of 1e7 dB, are caught
+# on the audio by ChainTrack, with the stem named.)
+PARAM_LIMITS = {"rate_hz": (0.0, 100.0, "Hz"), "target_sample_rate": (1.0, 768000.0, "Hz")}
 TOP_KEYS = ("description", "model", "requires_stems", "others", "stems")
 STEM_KEYS = ("gain_db", "mute", "chain")
 _REFUSED = ("Plugin", "PluginContainer", "Chain", "Mix", "Pedalboard", "ExternalPlugin", "IIRFilter",
@@ -149,6 +155,10 @@ def _convert(kind: str, name: str, value: Any, base_dir: Path) -> Any:
             raise ValueError(f"must be a finite number, got {value!r}")
         if (name.endswith("frequency_hz") or name == "cutoff_hz" or name.endswith("sample_rate")) and value <= 0:
             raise ValueError(f"must be > 0 Hz, got {value!r}")
+        if name in PARAM_LIMITS:
+            lo, hi, unit = PARAM_LIMITS[name]
+            if not lo <= value <= hi:
+                raise ValueError(f"must be from {lo:g} to {hi:g} {unit}, got {value!r}")
         return float(value)
     if kind == "bool":
         if not isinstance(value, bool):
