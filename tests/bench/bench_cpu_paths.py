@@ -160,14 +160,6 @@ def main() -> None:
                   + (f"; {name} / engine: {vs_engine:.3f}" if name != "engine" else ""))
 
 
-VIPERX = {"dim": 512, "depth": 12, "stereo": True, "num_stems": 1, "time_transformer_depth": 1,
-          "freq_transformer_depth": 1, "linear_transformer_depth": 0, "dim_head": 64, "heads": 8,
-          "attn_dropout": 0.1, "ff_dropout": 0.1, "flash_attn": True, "dim_freqs_in": 1025, "stft_n_fft": 2048,
-          "stft_hop_length": 441, "stft_win_length": 2048, "stft_normalized": False, "mask_estimator_depth": 2,
-          "multi_stft_resolution_loss_weight": 1.0, "multi_stft_resolutions_window_sizes": (4096, 2048, 1024, 512, 256),
-          "multi_stft_hop_size": 147, "multi_stft_normalized": False}
-
-
 def roformer(rounds: int, ceiling: float) -> None:
     """BS-RoFormer, one 8 s chunk: bs-roformer's classes against engine.models.roformer_cpu."""
     import copy
@@ -177,8 +169,9 @@ def roformer(rounds: int, ceiling: float) -> None:
 
     from engine.models.roformer import build_network
     from engine.models.roformer_cpu import speed_up
+    from tests.engine.test_roformer import VIPERX_MODEL
     torch.manual_seed(0)
-    library = build_network({"model": dict(VIPERX, freqs_per_bands=DEFAULT_FREQS_PER_BANDS)}).eval()
+    library = build_network({"model": dict(VIPERX_MODEL, freqs_per_bands=DEFAULT_FREQS_PER_BANDS)}).eval()
     engine = copy.deepcopy(library)
     speed_up(engine)
     x = 0.1 * torch.randn(1, 2, 352800, generator=torch.Generator().manual_seed(1))

@@ -119,6 +119,17 @@ MULTI_YAML = BS_YAML.replace("num_stems: 1", "num_stems: 3").replace(
     "  - vocals\n  - other\n  target_instrument: vocals", "  - vocals\n  - drums\n  - other\n  target_instrument: null")
 
 
+# viperx's ep_317 BS-RoFormer, the model: section of its published yaml (freqs_per_bands: bs-roformer's
+# DEFAULT_FREQS_PER_BANDS); also the size tests/bench/bench_cpu_paths.py --roformer measures
+VIPERX_MODEL = {"dim": 512, "depth": 12, "stereo": True, "num_stems": 1, "time_transformer_depth": 1,
+                "freq_transformer_depth": 1, "linear_transformer_depth": 0, "dim_head": 64, "heads": 8,
+                "attn_dropout": 0.1, "ff_dropout": 0.1, "flash_attn": True, "dim_freqs_in": 1025, "stft_n_fft": 2048,
+                "stft_hop_length": 441, "stft_win_length": 2048, "stft_normalized": False, "mask_estimator_depth": 2,
+                "multi_stft_resolution_loss_weight": 1.0,
+                "multi_stft_resolutions_window_sizes": (4096, 2048, 1024, 512, 256),
+                "multi_stft_hop_size": 147, "multi_stft_normalized": False}
+
+
 def write_msst_pair(folder, name, yaml_text, seed=0, state_edit=None, wrap=False):
     """NAME.yaml + NAME.ckpt as MSST writes them: torch.save(model.state_dict()) in MSST key names."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -327,14 +338,7 @@ def test_real_public_configs_build(tmp_path):
     bs = yaml.load(BS_YAML, Loader=roformer._MsstYamlLoader)
     assert isinstance(bs["model"]["freqs_per_bands"], tuple)
     from bs_roformer.bs_roformer import DEFAULT_FREQS_PER_BANDS
-    viperx = {"dim": 512, "depth": 12, "stereo": True, "num_stems": 1, "time_transformer_depth": 1,
-              "freq_transformer_depth": 1, "linear_transformer_depth": 0,
-              "freqs_per_bands": DEFAULT_FREQS_PER_BANDS, "dim_head": 64, "heads": 8, "attn_dropout": 0.1,
-              "ff_dropout": 0.1, "flash_attn": True, "dim_freqs_in": 1025, "stft_n_fft": 2048,
-              "stft_hop_length": 441, "stft_win_length": 2048, "stft_normalized": False,
-              "mask_estimator_depth": 2, "multi_stft_resolution_loss_weight": 1.0,
-              "multi_stft_resolutions_window_sizes": (4096, 2048, 1024, 512, 256),
-              "multi_stft_hop_size": 147, "multi_stft_normalized": False}
+    viperx = dict(VIPERX_MODEL, freqs_per_bands=DEFAULT_FREQS_PER_BANDS)
     kwargs = roformer._constructor_kwargs("viperx", viperx, __import__("bs_roformer").BSRoformer)
     assert kwargs["num_residual_streams"] == 1 and "linear_transformer_depth" not in kwargs
     kim = {"dim": 384, "depth": 6, "stereo": True, "num_stems": 1, "time_transformer_depth": 1,
