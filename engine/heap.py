@@ -1,9 +1,12 @@
-"""The daemon's memory: glibc heap policy, giving freed memory back, RSS readings. Torch-free.
+"""The memory of a process that runs the models: glibc heap policy, giving freed memory back, RSS
+readings. Torch-free.
 
-A daemon serves many sessions for hours, each with its own segment lengths; what its peak RSS is
-depends on how the allocator reuses and returns the forward passes' temporaries:
+A daemon serves many sessions for hours, each with its own segment lengths; what its peak RSS is,
+and how long each forward pass spends faulting memory in, depends on how the allocator reuses and
+returns the forward passes' temporaries:
 
-- ``tune_heap`` (at start): one arena, a 32 MiB mmap threshold, no automatic trim;
+- ``tune_heap`` (at the start of the daemon and of the CLI's in-process commands): one arena, a
+  32 MiB mmap threshold, no automatic trim;
 - ``release_free_memory`` (``malloc_trim``): once idle (engine.daemon), after loading a model
   (engine.cache), and before a forward pass of another shape than the last (engine.scheduler),
   whose temporaries would not fit in the holes the last ones left.
@@ -60,16 +63,18 @@ TRIM_THRESHOLD_BYTES = 1 << 30    # in effect never: release_free_memory trims o
 
 
 def tune_heap() -> None:
-    """The daemon's allocator policy (glibc only; a setting the user made with ``MALLOC_ARENA_MAX``,
-    ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` wins). Call before threads start.
+    """The allocator policy of a process that runs the models (glibc only; a setting the user made
+    with ``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` wins). Call
+    before threads start.
 
     - One arena for every thread (the socket thread, zmq's I/O thread, the scheduler, torch's
       workers): memory one frees, another reuses.
     - No automatic trimming while busy, blocks under 32 MiB from the heap: the forward passes run
       in the scheduler thread, and glibc shrinks a thread arena's heap after every large free,
       so each pass faulted its activations in anew. HT-Demucs through the daemon went from 1.07-1.16x
-      to 0.88-1.02x the in-process time (bench_daemon_overhead.py --model htdemucs). Freed memory
-      goes back to the OS at chosen points instead (``release_free_memory``, see above).
+      to 0.88-1.02x the in-process time (bench_daemon_overhead.py --model htdemucs); the in-process
+      CLI on a 30 s song from 0.961 to 0.825 of demucs' time (bench_process.py). Freed memory goes
+      back to the OS at chosen points instead (``release_free_memory``, see above).
     - Tried and left out: a fixed 1-8 MiB mmap threshold (lower RSS, but HT-Demucs 1.6-2x slower).
     """
     try:
