@@ -60,6 +60,10 @@ _malloc_trim = None
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 MMAP_THRESHOLD_BYTES = 32 << 20   # glibc's own upper bound for its dynamic threshold
 TRIM_THRESHOLD_BYTES = 1 << 30    # in effect never: release_free_memory trims once idle
+# The policy: (glibc's environment variable, its mallopt parameter, the value).
+POLICY = [("MALLOC_ARENA_MAX", M_ARENA_MAX, 1),
+          ("MALLOC_MMAP_THRESHOLD_", M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
+          ("MALLOC_TRIM_THRESHOLD_", M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)]
 
 
 def tune_heap() -> None:
@@ -75,15 +79,22 @@ def tune_heap() -> None:
       to 0.88-1.02x the in-process time (bench_daemon_overhead.py --model htdemucs); the in-process
       CLI on a 30 s song from 0.961 to 0.79-0.825 of demucs' time (bench_process.py). Freed memory goes
       back to the OS at chosen points instead (``release_free_memory``, see above).
-    - Tried and left out: a fixed 1-8 MiB mmap threshold (lower RSS, but HT-Demucs 1.6-2x slower).
+    - Tried and left out: a fixed 1-8 MiB mmap threshold (lower RSS, but HT-Demucs 1.6-2x slower);
+      no mmap at all (``M_MMAP_MAX`` 0: a third of the minor faults, but no faster, RSS +3%);
+      jemalloc (1.8x slower: it gives memory back by itself) and tcmalloc (as fast, one more
+      library to preload).
     """
     try:
         import ctypes
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return
-    for env, param, value in [("MALLOC_ARENA_MAX", M_ARENA_MAX, 1),
-                              ("MALLOC_MMAP_THRESHOLD_", M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
-                              ("MALLOC_TRIM_THRESHOLD_", M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)]:
+    for env, param, value in POLICY:
         if env not in os.environ:
             mallopt(param, value)
+
+
+def policy_env() -> dict[str, str]:
+    """``tune_heap``'s policy as glibc's environment variables, for a process that does not call it
+    (the benchmarks run demucs and in-process tools under it, to tell its share of a difference)."""
+    return {env: str(value) for env, _, value in POLICY}

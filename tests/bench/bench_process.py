@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 
-from engine.heap import MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES  # noqa: E402
+from engine.heap import policy_env  # noqa: E402
 
 SR = 44100
 SONG = ROOT.parent / "shared/eval-audio/real-dev-v1/cristina-vane-so-easy/mixture.wav"
@@ -56,9 +56,6 @@ with torch.inference_mode():
 for name, s in zip(model.sources, stems):
     sf.write(f"{out}/{name}.wav", s.numpy().T, sr, subtype="FLOAT")
 """
-
-ENGINE_HEAP = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES),
-               "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD_BYTES)}
 
 
 def write_song(path: Path, seconds: float) -> str:
@@ -100,7 +97,7 @@ def main() -> None:
                   str(song), "-o"]
         rows = {"demucs": ([sys.executable, "-c", DEMUCS, str(song), str(package)], base_env),
                 "demucs, engine heap": ([sys.executable, "-c", DEMUCS, str(song), str(package)],
-                                        {**base_env, **ENGINE_HEAP}),
+                                        {**base_env, **policy_env()}),
                 "unbake": (unbake, base_env)}
         if has_onnx:
             rows["unbake onnx"] = (unbake[:2] + ["--cpu-runtime", "onnx"] + unbake[2:], base_env)

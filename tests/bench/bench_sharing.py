@@ -117,8 +117,10 @@ def compare(tool: str, model: str, repo: Path, tmp: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     wall_ind, ind = run_tools(alone_mode, songs, tmp, None, env, model, repo)
-    # the same with one malloc arena, as the daemon runs (engine.heap.tune_heap: one arena, 32 MiB mmap threshold, no automatic trim)
-    wall_tuned, tuned = run_tools(alone_mode, songs, tmp, None, {**env, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}, model, repo)
+    # the same under the daemon's heap policy (engine.heap.tune_heap: one arena, 32 MiB mmap threshold, no
+    # automatic trim); `unbake separate --in-process` sets it itself, so for --tool cli both rows have it
+    from engine.heap import policy_env
+    wall_tuned, tuned = run_tools(alone_mode, songs, tmp, None, {**env, **policy_env()}, model, repo)
 
     endpoint = f"ipc://{tmp}/warm.sock"
     engine = EngineProcess(endpoint, "--preload", model, "--repo", repo, log=tmp / "warm.log").start(timeout_s=300)

@@ -19,8 +19,8 @@ PROBE = """
 import ctypes, json
 libc = ctypes.CDLL(None)
 class Mallinfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                              "fsmblks", "uordblks", "fordblks", "keepcost")]
 libc.mallinfo2.restype = Mallinfo2
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
@@ -78,3 +78,10 @@ def test_separate_in_process_runs_under_the_policy(song_excerpt, spleeter_repo, 
     assert sorted(p.name for p in tmp_path.rglob("*.wav")) == ["accompaniment.wav", "vocals.wav"]
     # (the heap may have had room for some of the blocks already: what it grew by, it kept)
     assert got["mmapped"] == 0 and got["kept_after_free"] == got["heap_grew"] > 0, got
+
+
+def test_policy_env_is_the_same_policy():
+    """What the benchmarks give a process that does not call tune_heap (a demucs process)."""
+    from engine.heap import policy_env
+    got = run_probe("result = probe()", policy_env())
+    assert got["mmapped"] == 0 and got["kept_after_free"] >= 8 * 30 * MIB > got["kept_after_release"], got
