@@ -77,7 +77,7 @@ def tune_heap() -> None:
       in the scheduler thread, and glibc shrinks a thread arena's heap after every large free,
       so each pass faulted its activations in anew. HT-Demucs through the daemon went from 1.07-1.16x
       to 0.88-1.02x the in-process time (bench_daemon_overhead.py --model htdemucs); the in-process
-      CLI on a 30 s song from 0.961 to 0.79-0.825 of demucs' time (bench_process.py). Freed memory goes
+      CLI on a 30 s song from 0.961 to 0.79-0.87 of demucs' time (bench_process.py). Freed memory goes
       back to the OS at chosen points instead (``release_free_memory``, see above).
     - Tried and left out: a fixed 1-8 MiB mmap threshold (lower RSS, but HT-Demucs 1.6-2x slower);
       no mmap at all (``M_MMAP_MAX`` 0: a third of the minor faults, but no faster, RSS +3%);

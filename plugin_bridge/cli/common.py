@@ -119,7 +119,7 @@ def _tune_heap() -> None:
     """The models run in this process: the daemon's heap policy (engine.heap.tune_heap), before torch
     starts its threads. Under glibc's defaults every large temporary of every segment was unmapped at
     free and faulted in again (HT-Demucs, 30 s: 2.2 M minor faults, 5-8 s of system time); with it,
-    the whole ``separate --in-process`` took 0.79-0.825 of demucs' time instead of 0.961
+    the whole ``separate --in-process`` took 0.79-0.87 of demucs' time instead of 0.961
     (tests/bench/bench_process.py)."""
     from engine.heap import tune_heap
     tune_heap()

@@ -74,7 +74,7 @@ def test_a_setting_in_the_environment_wins(env):
 
 def test_separate_in_process_runs_under_the_policy(song_excerpt, spleeter_repo, tmp_path):
     """The CLI's in-process path (a process that runs the model, like the daemon) tunes the heap
-    before it loads the model: HT-Demucs' 30 s took 0.79-0.825 of demucs' time, 0.961 without (bench_process.py)."""
+    before it loads the model: HT-Demucs' 30 s took 0.79-0.87 of demucs' time, 0.961 without (bench_process.py)."""
     code = (f"from plugin_bridge.cli import main\n"
             f"assert main(['separate', '--in-process', '-q', '-n', 'spleeter-2stems', '-o', {str(tmp_path)!r}, "
             f"{str(song_excerpt)!r}]) == 0\n"
