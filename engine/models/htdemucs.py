@@ -30,6 +30,7 @@ from demucs.htdemucs import HTDemucs
 from ..errors import CheckpointError
 from .base import Bag
 from .htdemucs_core import mha_fastpath, split_forward
+from .htdemucs_cpu import fused_dconv, speed_up
 
 __all__ = [
     "DEMUCS_MODEL_CLASSES",
@@ -92,6 +93,7 @@ class DemucsAdapter(nn.Module):
         self._segment_override: float | None = None
         self.set_segment(segment_s)
         self.eval()
+        speed_up(model)  # DConv branches in fewer passes on the CPU (htdemucs_cpu; state dict unchanged)
 
     # -- segment ----------------------------------------------------------------------------------
     @property
@@ -177,7 +179,8 @@ class DemucsAdapter(nn.Module):
         # in HTDemucs' cross-transformer) is slower than the plain ops for these shapes
         # (tests/bench/bench_cpu_paths.py) and agrees with them to ~1e-7 relative. The switch is
         # process-wide: set for this call and put back (the engine runs one forward at a time).
-        with mha_fastpath(False):
+        # The DConv residual branches take their fused path (engine.models.htdemucs_cpu).
+        with mha_fastpath(False), fused_dconv():
             return self.model(mix)
 
     def train(self, mode: bool = True):
