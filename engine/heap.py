@@ -5,8 +5,8 @@ A daemon serves many sessions for hours, each with its own segment lengths; what
 and how long each forward pass spends faulting memory in, depends on how the allocator reuses and
 returns the forward passes' temporaries:
 
-- ``tune_heap`` (at the start of the daemon and of the CLI's in-process commands): one arena, a
-  32 MiB mmap threshold, no automatic trim;
+- ``tune_heap`` (at the start of the daemon and of the CLI's in-process commands): one arena, no
+  mmap for large blocks, no automatic trim;
 - ``release_free_memory`` (``malloc_trim``): once idle (engine.daemon), after loading a model
   (engine.cache), and before a forward pass of another shape than the last (engine.scheduler),
   whose temporaries would not fit in the holes the last ones left.
@@ -57,12 +57,13 @@ def release_free_memory() -> None:
 _malloc_trim = None
 
 # glibc mallopt parameters
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -3, -4, -8
 MMAP_THRESHOLD_BYTES = 32 << 20   # glibc's own upper bound for its dynamic threshold
 TRIM_THRESHOLD_BYTES = 1 << 30    # in effect never: release_free_memory trims once idle
 # The policy: (glibc's environment variable, its mallopt parameter, the value).
 POLICY = [("MALLOC_ARENA_MAX", M_ARENA_MAX, 1),
           ("MALLOC_MMAP_THRESHOLD_", M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
+          ("MALLOC_MMAP_MAX_", M_MMAP_MAX, 0),
           ("MALLOC_TRIM_THRESHOLD_", M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)]
 
 
@@ -73,14 +74,17 @@ def tune_heap() -> None:
 
     - One arena for every thread (the socket thread, zmq's I/O thread, the scheduler, torch's
       workers): memory one frees, another reuses.
-    - No automatic trimming while busy, blocks under 32 MiB from the heap: the forward passes run
-      in the scheduler thread, and glibc shrinks a thread arena's heap after every large free,
-      so each pass faulted its activations in anew. HT-Demucs through the daemon went from 1.07-1.16x
-      to 0.88-1.02x the in-process time (bench_daemon_overhead.py --model htdemucs); the in-process
-      CLI on a 30 s song from 0.961 to 0.79-0.87 of demucs' time (bench_process.py). Freed memory goes
-      back to the OS at chosen points instead (``release_free_memory``, see above).
+    - No automatic trimming while busy, every block from the heap (no mmap; the threshold stays
+      at 32 MiB for a user who sets ``MALLOC_MMAP_MAX_``): the forward passes run in the scheduler
+      thread, and glibc shrinks a thread arena's heap after every large free, so each pass faulted
+      its activations in anew. HT-Demucs through the daemon went from 1.07-1.16x to 0.88-1.02x the
+      in-process time (bench_daemon_overhead.py --model htdemucs); the in-process CLI on a 30 s
+      song from 0.961 to 0.79-0.87 of demucs' time (bench_process.py). Blocks over 32 MiB (htdemucs'
+      first layers: 33-66 MB) were still mapped and unmapped each time: on an Intel VM that cost
+      0.11-0.23 s of system time per 7.8 s segment (45-60 k minor faults); without mmap 0.03-0.09 s
+      and ~1-10 k faults, the segment 0.96-0.97x, RSS the same (an AMD host: no change, RSS +3%).
+      Freed memory goes back to the OS at chosen points instead (``release_free_memory``, see above).
     - Tried and left out: a fixed 1-8 MiB mmap threshold (lower RSS, but HT-Demucs 1.6-2x slower);
-      no mmap at all (``M_MMAP_MAX`` 0: a third of the minor faults, but no faster, RSS +3%);
       jemalloc (1.8x slower: it gives memory back by itself) and tcmalloc (as fast, one more
       library to preload).
     """

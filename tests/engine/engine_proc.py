@@ -19,10 +19,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class EngineProcess:
-    """``python -m engine.daemon --endpoint ENDPOINT ARGS...``; ``start()`` waits until it answers."""
+    """``python -m engine.daemon --endpoint ENDPOINT ARGS...``; ``start()`` waits until it answers.
+    ``cwd``: the checkout whose engine runs (default: this one; benchmarks run an older one too)."""
 
-    def __init__(self, endpoint: str, *args: str, env: dict | None = None, log: Path | None = None):
+    def __init__(self, endpoint: str, *args: str, env: dict | None = None, log: Path | None = None,
+                 cwd: Path | None = None):
         self.endpoint, self.args = endpoint, [str(a) for a in args]
+        self.cwd = Path(cwd) if cwd is not None else REPO
         self.env = {**os.environ, **(env or {})}
         self.log = log
         self.proc: subprocess.Popen | None = None
@@ -30,7 +33,7 @@ class EngineProcess:
     def start(self, timeout_s: float = 60.0, wait: bool = True) -> "EngineProcess":
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL
         self.proc = subprocess.Popen([sys.executable, "-m", "engine.daemon", "--endpoint", self.endpoint,
-                                      *self.args], cwd=REPO, env=self.env, stdout=out, stderr=out)
+                                      *self.args], cwd=self.cwd, env=self.env, stdout=out, stderr=out)
         if wait:
             self.wait_ready(timeout_s)
         return self

@@ -25,9 +25,9 @@ libc.mallinfo2.restype = Mallinfo2
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 
-def probe():
+def probe(mib=30):
     before = libc.mallinfo2()
-    blocks = [libc.malloc(30 << 20) for _ in range(8)]
+    blocks = [libc.malloc(mib << 20) for _ in range(8)]
     held = libc.mallinfo2()
     for b in blocks:
         libc.free(b)
@@ -48,10 +48,10 @@ def run_probe(code: str, env: dict | None = None) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def assert_kept_until_released(got: dict) -> None:
+def assert_kept_until_released(got: dict, mib: int = 30) -> None:
     assert got["mmapped"] == 0, got
     # the heap grew by the blocks (less what free room it had at its top) and kept that at free
-    assert got["kept_after_free"] == got["heap_grew"] >= 7 * 30 * MIB, got
+    assert got["kept_after_free"] == got["heap_grew"] >= 7 * mib * MIB, got
     assert got["kept_after_release"] < 30 * MIB, got  # malloc_trim gave them back
 
 
@@ -60,13 +60,14 @@ def test_glibc_defaults_unmap_or_trim_large_temporaries():
     assert got["mmapped"] >= 8 * 30 * MIB or got["kept_after_free"] < 30 * MIB, got
 
 
-def test_tune_heap_keeps_them_in_the_heap_until_released():
-    got = run_probe("from engine.heap import tune_heap\ntune_heap()\nresult = probe()")
-    assert_kept_until_released(got)
+@pytest.mark.parametrize("mib", [30, 66])  # 66 MiB: over glibc's largest mmap threshold (htdemucs' first layers)
+def test_tune_heap_keeps_them_in_the_heap_until_released(mib):
+    got = run_probe(f"from engine.heap import tune_heap\ntune_heap()\nresult = probe({mib})")
+    assert_kept_until_released(got, mib)
 
 
 @pytest.mark.parametrize("env", [{"MALLOC_TRIM_THRESHOLD_": str(128 * 1024)},
-                                 {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}])
+                                 {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "MALLOC_MMAP_MAX_": "65536"}])
 def test_a_setting_in_the_environment_wins(env):
     got = run_probe("from engine.heap import tune_heap\ntune_heap()\nresult = probe()", env)
     assert got["mmapped"] >= 8 * 30 * MIB or got["kept_after_free"] < 30 * MIB, got
@@ -85,8 +86,9 @@ def test_separate_in_process_runs_under_the_policy(song_excerpt, spleeter_repo, 
     assert got["mmapped"] == 0 and got["kept_after_free"] == got["heap_grew"] > 0, got
 
 
-def test_policy_env_is_the_same_policy():
+@pytest.mark.parametrize("mib", [30, 66])
+def test_policy_env_is_the_same_policy(mib):
     """What the benchmarks give a process that does not call tune_heap (a demucs process)."""
     from engine.heap import policy_env
-    got = run_probe("result = probe()", policy_env())
-    assert_kept_until_released(got)
+    got = run_probe(f"result = probe({mib})", policy_env())
+    assert_kept_until_released(got, mib)
